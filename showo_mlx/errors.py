@@ -1,0 +1,30 @@
+"""Typed exceptions. Every user-facing failure raises a `ShowoError` whose message is one line that
+names the problem and the fix; the CLI prints it and exits with code 2."""
+
+
+class ShowoError(Exception):
+    """Base class of every error showo-mlx raises on bad input."""
+
+
+class ShowoConfigError(ShowoError):
+    """A config.json is missing, malformed, or describes another model."""
+
+
+class CheckpointError(ShowoError):
+    """A weight file is missing, corrupt, unsafe, or does not match the model."""
+
+
+class OutputExistsError(ShowoError):
+    """The destination exists and overwriting was not requested."""
+
+
+class ImageInputError(ShowoError):
+    """An image or mask could not be read or used."""
+
+
+class GenerationInputError(ShowoError):
+    """Bad generation or answering parameters (steps, guidance, schedule, direction, ...)."""
+
+
+class TrainingConfigError(ShowoError):
+    """Bad training config, data, or resume state."""
