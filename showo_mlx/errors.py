@@ -28,3 +28,7 @@ class GenerationInputError(ShowoError):
 
 class TrainingConfigError(ShowoError):
     """Bad training config, data, or resume state."""
+
+
+class OutputWriteError(ShowoError):
+    """An output file or folder could not be created or written (permissions, disk, bad parent)."""

@@ -115,22 +115,20 @@ def layout_from_ids(ids: Sequence[int], kind: str, *, pad_id: int, soi_id: int, 
         if not len(eoi):
             raise ValueError("an mmu row needs an <|eoi|> token")
         return mmu_layout(length, int(eoi[0]))
-    soi_pos = np.flatnonzero(ids == soi_id)
-    eoi_pos = np.flatnonzero(ids == eoi_id)
-    spans = tuple((int(a), int(b) + 1) for a, b in zip(soi_pos, eoi_pos))
+    # The reference's reading (spec §5.1): a position is in an image segment when more soi than
+    # eoi tokens precede it (cumulative counts), or it is a soi/eoi token itself.
+    is_soi, is_eoi = ids == soi_id, ids == eoi_id
+    img = (np.cumsum(is_soi) > np.cumsum(is_eoi)) | is_soi | is_eoi
+    spans = _runs(img)
     if kind == "lm":
         return causal_layout(length, spans)
     if kind != "t2i":
         raise ValueError(f"unknown layout kind {kind!r}")
-    pad = ids == pad_id
-    pad_spans: list[Span] = []
-    start = None
-    for i, p in enumerate(pad):
-        if p and start is None:
-            start = i
-        if not p and start is not None:
-            pad_spans.append((start, i))
-            start = None
-    if start is not None:
-        pad_spans.append((start, length))
-    return Layout(length, pads=tuple(pad_spans), image_spans=spans)
+    return Layout(length, pads=_runs(ids == pad_id), image_spans=spans)
+
+
+def _runs(flags: np.ndarray) -> tuple[Span, ...]:
+    """Half-open spans of consecutive True values."""
+    padded = np.concatenate([[False], flags, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return tuple((int(a), int(b)) for a, b in zip(edges[::2], edges[1::2]))

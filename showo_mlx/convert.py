@@ -1,0 +1,287 @@
+"""Official PyTorch checkpoints → one self-contained showo-mlx model folder.
+
+    DST/config.json          {"model_type": "showo", "showo": {...}, "magvit": {...}, "dtype": ...,
+                              "quantization": {"group_size": g, "bits": b, <path>: {...}}}  (mlx-lm format)
+    DST/model.safetensors    the transformer (model-0000i-of-0000n.safetensors + index above 5 GB)
+    DST/magvit.safetensors   MAGVIT-v2 (always float: 16 or 32 bit)
+    DST/tokenizer files      phi-1_5's tokenizer (from SRC, --tokenizer, or the Hub)
+
+Everything is written into a temporary sibling folder and renamed into place at the end, so a
+failure never leaves a half-written model and an existing DST is only replaced with force=True.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import __version__
+from .checkpoint_io import read_checkpoint
+from .config import MagvitConfig, ShowoConfig, read_json
+from .errors import CheckpointError, ShowoError
+from .fsutil import atomic_output_dir
+from .magvit import sanitize_magvit_weights
+from .model import ShowoTransformer
+from .prompting import TOKENIZER_FILES
+from .hub import resolve_source
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+Q_BITS = (2, 3, 4, 5, 6, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+DEFAULT_VQ = "showlab/magvitv2"
+DEFAULT_TOKENIZER = "microsoft/phi-1_5"
+SHARD_GB = 5
+
+
+@dataclass
+class QuantizeSpec:
+    """Affine quantization of the transformer's Linear layers (mlx-lm format).
+
+    head_bits quantizes the embedding and lm_head too (None: they stay in float). They hold 17% of
+    the weights and are the most sensitive to rounding, hence a separate, usually higher, width."""
+
+    bits: int = 4
+    group_size: int = 64
+    head_bits: int | None = None
+
+    def validate(self) -> "QuantizeSpec":
+        for name, b in (("bits", self.bits), ("head bits", self.head_bits)):
+            if b is not None and b not in Q_BITS:
+                raise ShowoError(f"unsupported quantization {name} {b}; choose one of {list(Q_BITS)}")
+        if self.group_size not in Q_GROUP_SIZES:
+            raise ShowoError(
+                f"unsupported quantization group size {self.group_size}; choose one of {list(Q_GROUP_SIZES)}"
+            )
+        return self
+
+
+def check_dtype(dtype: str) -> mx.Dtype:
+    if dtype not in DTYPES:
+        raise ShowoError(f"unsupported dtype {dtype!r}; choose one of {list(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# -- key mapping ---------------------------------------------------------------------------------
+def sanitize_showo_weights(weights: dict[str, Any]) -> dict[str, Any]:
+    """Official `Showo` keys → ours: `showo.model.X` → `X`, `showo.lm_head.*` → `lm_head.*`.
+
+    The CLIP projector (`mm_projector.*`, w_clip_vit variants) is not part of this port."""
+    out = {}
+    for key, value in weights.items():
+        if key.startswith("mm_projector."):
+            continue
+        if key.startswith("showo.model."):
+            out[key[len("showo.model."):]] = value
+        elif key.startswith("showo."):
+            out[key[len("showo."):]] = value
+        else:
+            raise CheckpointError(f"unexpected tensor {key!r} in the Show-o checkpoint; is SRC a Show-o model?")
+    return out
+
+
+def check_complete(model: nn.Module, weights: dict[str, Any], what: str) -> None:
+    """Refuse missing or unexpected tensors and wrong shapes by name, before anything is written."""
+    from mlx.utils import tree_flatten
+
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise CheckpointError(f"{what}: {detail} (and {max(len(missing), len(extra)) - 1} more?); the checkpoint does not match its config")
+    for k, v in expected.items():
+        if tuple(weights[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{what}: {k} has shape {tuple(weights[k].shape)}, config implies {tuple(v.shape)}; "
+                "the checkpoint does not match its config"
+            )
+
+
+# -- quantization --------------------------------------------------------------------------------
+def quantize_transformer(model: ShowoTransformer, spec: QuantizeSpec) -> dict[str, Any]:
+    """Quantize in place; return the config block (mlx-lm's format: defaults + per-path overrides)."""
+    from mlx_lm.utils import quantize_model
+
+    heads = ("embed_tokens", "lm_head")
+
+    def predicate(path: str, module: nn.Module):
+        if path in heads:
+            if spec.head_bits is None:
+                return False
+            return {"group_size": spec.group_size, "bits": spec.head_bits, "mode": "affine"}
+        return isinstance(module, nn.Linear)
+
+    _, cfg = quantize_model(model, {}, spec.group_size, spec.bits, quant_predicate=predicate)
+    return cfg["quantization"]
+
+
+def apply_quantization_block(model: nn.Module, block: dict[str, Any], weights: dict[str, Any]) -> None:
+    """Rebuild quantized layers from the config block: a layer is quantized iff its scales are in
+    the weights; per-path entries override the default width (never guessed from shapes)."""
+
+    def predicate(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        override = block.get(path)
+        return override if isinstance(override, dict) else True
+
+    nn.quantize(
+        model,
+        group_size=block["group_size"],
+        bits=block["bits"],
+        mode=block.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+# -- writing -------------------------------------------------------------------------------------
+def save_sharded(folder: Path, weights: dict[str, mx.array], stem: str = "model") -> list[str]:
+    from mlx_lm.utils import make_shards
+
+    shards = make_shards(weights, max_file_size_gb=SHARD_GB)
+    if len(shards) == 1:
+        mx.save_safetensors(str(folder / f"{stem}.safetensors"), shards[0], metadata={"format": "mlx"})
+        return [f"{stem}.safetensors"]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
+        weight_map.update({k: name for k in shard})
+        names.append(name)
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    return names
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied and "vocab.json" not in copied:
+        raise ShowoError(f"no tokenizer files in {src}; pass --tokenizer with phi-1_5's tokenizer folder")
+    return copied
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").exists() or (folder / "vocab.json").exists()
+
+
+def load_showo_source(src: Path) -> tuple[ShowoConfig, dict[str, mx.array]]:
+    cfg = ShowoConfig.from_hub_dict(read_json(src / "config.json"))
+    if cfg.w_clip_vit:
+        raise ShowoError(
+            f"{src} is a w_clip_vit checkpoint (CLIP understanding path), which showo-mlx does not "
+            "support yet; use showlab/show-o or showlab/show-o-512x512"
+        )
+    raw = sanitize_showo_weights(read_checkpoint(src))
+    return cfg, {k: mx.array(v) for k, v in raw.items()}
+
+
+def load_magvit_source(vq: Path) -> tuple[MagvitConfig, dict[str, mx.array]]:
+    cfg = MagvitConfig.from_hub_dict(read_json(vq / "config.json"))
+    raw = sanitize_magvit_weights(read_checkpoint(vq))
+    return cfg, {k: mx.array(v) for k, v in raw.items()}
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype: str = "float32",
+    quantize: QuantizeSpec | None = None,
+    vq: str | Path | None = None,
+    vq_dtype: str | None = None,
+    tokenizer: str | Path | None = None,
+    force: bool = False,
+    log=print,
+) -> Path:
+    """Convert an official Show-o checkpoint (Hub id or folder) into a showo-mlx folder at `dst`."""
+    from .magvit import MagvitV2
+
+    target = check_dtype(dtype)
+    if quantize is not None:
+        quantize.validate()
+    vq_dtype = vq_dtype or ("float16" if quantize is not None or dtype != "float32" else "float32")
+    if vq_dtype not in ("float32", "float16", "bfloat16"):
+        raise ShowoError(f"unsupported MAGVIT dtype {vq_dtype!r}; choose float32, float16 or bfloat16")
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise ShowoError(f"{dst} already exists; choose another destination or pass --force to replace it")
+
+    src_dir = resolve_source(src, kind="model")
+    vq_dir = resolve_source(vq or DEFAULT_VQ, kind="vq")
+    if tokenizer is not None:
+        tok_dir = resolve_source(tokenizer, kind="tokenizer")
+    elif _has_tokenizer(src_dir):
+        tok_dir = src_dir
+    else:
+        tok_dir = resolve_source(DEFAULT_TOKENIZER, kind="tokenizer")
+
+    log(f"reading Show-o weights from {src_dir}")
+    cfg, weights = load_showo_source(src_dir)
+    model = ShowoTransformer(cfg)
+    check_complete(model, weights, str(src_dir))
+    model.load_weights([(k, v.astype(target)) for k, v in weights.items()])
+    del weights
+    config: dict[str, Any] = {
+        "model_type": "showo",
+        "format_version": FORMAT_VERSION,
+        "showo_mlx_version": __version__,
+        "dtype": dtype,
+        "showo": cfg.to_dict(),
+        "source": {"model": str(src), "vq": str(vq or DEFAULT_VQ)},
+    }
+    if quantize is not None:
+        config["quantization"] = quantize_transformer(model, quantize)
+        log(f"quantized to {quantize.bits} bits (group {quantize.group_size}, embeddings/head: "
+            f"{quantize.head_bits or 'float'})")
+
+    log(f"reading MAGVIT-v2 weights from {vq_dir}")
+    vq_cfg, vq_weights = load_magvit_source(vq_dir)
+    check_complete(MagvitV2(vq_cfg), vq_weights, str(vq_dir))
+    config["magvit"] = vq_cfg.to_dict()
+    config["magvit_dtype"] = vq_dtype
+
+    from mlx.utils import tree_flatten
+
+    with atomic_output_dir(dst, force=force) as tmp:
+        files = save_sharded(tmp, dict(tree_flatten(model.parameters())))
+        vq_target = DTYPES[vq_dtype]
+        mx.save_safetensors(
+            str(tmp / "magvit.safetensors"),
+            {k: v.astype(vq_target) for k, v in vq_weights.items()},
+            metadata={"format": "mlx"},
+        )
+        copy_tokenizer(tok_dir, tmp)
+        config["files"] = {"transformer": files, "magvit": "magvit.safetensors"}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    log(f"wrote {dst} ({folder_size(dst) / 1e6:.1f} MB)")
+    return dst
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def is_converted(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "showo"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def to_numpy(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)
