@@ -20,10 +20,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from . import __version__
-from .checkpoint_io import read_checkpoint
+from .checkpoint_io import find_weight_files, iter_checkpoint
 from .config import MagvitConfig, ShowoConfig, read_json
 from .errors import CheckpointError, ShowoError
 from .fsutil import atomic_output_dir
@@ -38,7 +37,7 @@ Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 DEFAULT_VQ = "showlab/magvitv2"
 DEFAULT_TOKENIZER = "microsoft/phi-1_5"
-SHARD_GB = 5
+SHARD_BYTES = 5 << 30  # shard the transformer above ~5 GB, as mlx-lm does
 
 
 @dataclass
@@ -107,20 +106,22 @@ def check_complete(model: nn.Module, weights: dict[str, Any], what: str) -> None
 
 # -- quantization --------------------------------------------------------------------------------
 def quantize_transformer(model: ShowoTransformer, spec: QuantizeSpec) -> dict[str, Any]:
-    """Quantize in place; return the config block (mlx-lm's format: defaults + per-path overrides)."""
-    from mlx_lm.utils import quantize_model
-
+    """Quantize in place; return the config block in mlx-lm's format (defaults + per-path overrides)."""
+    block: dict[str, Any] = {"group_size": spec.group_size, "bits": spec.bits, "mode": "affine"}
     heads = ("embed_tokens", "lm_head")
 
     def predicate(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % spec.group_size:
+            return False
         if path in heads:
             if spec.head_bits is None:
                 return False
-            return {"group_size": spec.group_size, "bits": spec.head_bits, "mode": "affine"}
+            block[path] = {"group_size": spec.group_size, "bits": spec.head_bits, "mode": "affine"}
+            return block[path]
         return isinstance(module, nn.Linear)
 
-    _, cfg = quantize_model(model, {}, spec.group_size, spec.bits, quant_predicate=predicate)
-    return cfg["quantization"]
+    nn.quantize(model, group_size=spec.group_size, bits=spec.bits, class_predicate=predicate)
+    return block
 
 
 def apply_quantization_block(model: nn.Module, block: dict[str, Any], weights: dict[str, Any]) -> None:
@@ -143,10 +144,21 @@ def apply_quantization_block(model: nn.Module, block: dict[str, Any], weights: d
 
 
 # -- writing -------------------------------------------------------------------------------------
-def save_sharded(folder: Path, weights: dict[str, mx.array], stem: str = "model") -> list[str]:
-    from mlx_lm.utils import make_shards
+def make_shards(weights: dict[str, mx.array], max_bytes: int) -> list[dict[str, mx.array]]:
+    """Consecutive groups of tensors of at most `max_bytes` (a larger tensor gets its own shard)."""
+    shards: list[dict[str, mx.array]] = []
+    size = 0
+    for key, value in weights.items():
+        if not shards or size + value.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    return shards
 
-    shards = make_shards(weights, max_file_size_gb=SHARD_GB)
+
+def save_sharded(folder: Path, weights: dict[str, mx.array], stem: str = "model") -> list[str]:
+    shards = make_shards(weights, SHARD_BYTES)
     if len(shards) == 1:
         mx.save_safetensors(str(folder / f"{stem}.safetensors"), shards[0], metadata={"format": "mlx"})
         return [f"{stem}.safetensors"]
@@ -183,13 +195,14 @@ def load_showo_source(src: Path) -> tuple[ShowoConfig, dict[str, mx.array]]:
             f"{src} is a w_clip_vit checkpoint (CLIP understanding path), which showo-mlx does not "
             "support yet; use showlab/show-o or showlab/show-o-512x512"
         )
-    raw = sanitize_showo_weights(read_checkpoint(src))
-    return cfg, {k: mx.array(v) for k, v in raw.items()}
+    # One tensor at a time: the 5.8 GB float32 checkpoint is never held twice.
+    weights = {k: mx.array(v) for k, v in iter_checkpoint(src, select=lambda k: not k.startswith("mm_projector."))}
+    return cfg, sanitize_showo_weights(weights)
 
 
 def load_magvit_source(vq: Path) -> tuple[MagvitConfig, dict[str, mx.array]]:
     cfg = MagvitConfig.from_hub_dict(read_json(vq / "config.json"))
-    raw = sanitize_magvit_weights(read_checkpoint(vq))
+    raw = sanitize_magvit_weights(dict(iter_checkpoint(vq)))
     return cfg, {k: mx.array(v) for k, v in raw.items()}
 
 
@@ -227,6 +240,10 @@ def convert(
     else:
         tok_dir = resolve_source(DEFAULT_TOKENIZER, kind="tokenizer")
 
+    # Check configs and weight files of every input before reading gigabytes of any of them.
+    ShowoConfig.from_hub_dict(read_json(src_dir / "config.json"))
+    MagvitConfig.from_hub_dict(read_json(vq_dir / "config.json"))
+    find_weight_files(src_dir), find_weight_files(vq_dir)
     log(f"reading Show-o weights from {src_dir}")
     cfg, weights = load_showo_source(src_dir)
     model = ShowoTransformer(cfg)
@@ -281,7 +298,3 @@ def is_converted(folder: Path) -> bool:
         return json.loads(cfg.read_text()).get("model_type") == "showo"
     except (OSError, json.JSONDecodeError):
         return False
-
-
-def to_numpy(a: mx.array) -> np.ndarray:
-    return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)

@@ -32,3 +32,7 @@ class TrainingConfigError(ShowoError):
 
 class OutputWriteError(ShowoError):
     """An output file or folder could not be created or written (permissions, disk, bad parent)."""
+
+
+class AttentionBackendError(ShowoError):
+    """The attention backend forced with SHOWO_ATTENTION is unknown or not available here."""

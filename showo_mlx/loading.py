@@ -60,6 +60,7 @@ def resolve_model(model: str | Path, log: Callable[[str], None] = print) -> Path
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:
+    folder = Path(folder)
     config = read_json(folder / "config.json")
     if config.get("model_type") != "showo":
         raise ShowoConfigError(f"{folder} is not a converted showo-mlx model; run `showo convert` first")
@@ -91,6 +92,7 @@ def load_transformer(
     quantize: QuantizeSpec | None = None,
 ) -> ShowoTransformer:
     """Build the transformer from a converted folder; optionally cast or quantize at load time."""
+    folder = Path(folder)
     config = config or read_model_config(folder)
     cfg = ShowoConfig.from_dict(config["showo"])
     model = ShowoTransformer(cfg)
@@ -118,6 +120,7 @@ def load_magvit(folder: Path, config: dict[str, Any] | None = None, *, dtype: st
     """The MAGVIT-v2 tokenizer of a converted folder; decoder-only when `with_encoder` is False."""
     from .magvit import MagvitV2
 
+    folder = Path(folder)
     config = config or read_model_config(folder)
     if "magvit" not in config:
         raise ShowoConfigError(f"{folder} has no MAGVIT-v2 weights; re-convert with --vq")
