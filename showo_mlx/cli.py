@@ -125,9 +125,16 @@ def load_pipeline(model: str, dtype: Optional[str], quantize: Optional[int]):
     return load(model, dtype=dtype, quantize=quantize, log=lambda m: typer.echo(m, err=True))
 
 
-def check_image_path(path: str, what: str) -> None:
-    if not Path(path).exists():
-        raise ShowoError(f"{what} {path} does not exist; check the path")
+def precheck(steps, guidance, temperature, schedule) -> None:
+    """Validate generation options before loading gigabytes of weights."""
+    from .pipeline import GenerationSettings
+
+    GenerationSettings(
+        steps if steps is not None else 1,
+        guidance if guidance is not None else 0.0,
+        temperature if temperature is not None else 0.0,
+        schedule or "cosine",
+    ).validate()
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -155,24 +162,24 @@ def generate(
     greedy: bool = Greedy,
     seed: Optional[List[str]] = Seed,
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt (seeds s, s+1, …)."),
-    output: str = typer.Option("showo_{seed}.png", "--output", "-o", help="PNG path; {seed} and {i} are filled in."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="PNG path; {seed} and {i} are filled in (default showo_{seed}.png, or showo_{i}_{seed}.png for several prompts)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Images decoded together."),
     dtype: Optional[str] = Dtype,
     quantize: Optional[int] = Quantize,
     force: bool = Force,
 ):
     """Text to image."""
-    from .pipeline import GenerationSettings, _seed_list
+    from .pipeline import _seed_list
 
     start = time.perf_counter()
-    seeds = _seed_list(parse_seeds(seed), num_images)
     if num_images < 1:
         raise ShowoError(f"--num-images must be >= 1, got {num_images}")
-    # Validate what needs no model before loading 6 GB of weights.
-    if steps is not None or guidance is not None or temperature is not None or schedule is not None:
-        GenerationSettings(steps or 1, guidance or 0.0, temperature or 0.0, schedule or "cosine").validate()
+    precheck(steps, guidance, temperature, schedule)
+    seeds = _seed_list(parse_seeds(seed), num_images)
     rows = [(p, s) for p in prompts for s in seeds]
-    paths = output_paths(output, [s for _, s in rows] if len(prompts) == 1 else list(range(len(rows))), force)
+    if output is None:
+        output = "showo_{seed}.png" if len(prompts) == 1 else "showo_{i}_{seed}.png"
+    paths = output_paths(output, [s for _, s in rows], force)
     pipe = load_pipeline(model, dtype, quantize)
     for p in pipe.truncated(prompts):
         typer.echo(f"note: prompt truncated to the model's 126-token limit: {p[:40]!r}…", err=True)
@@ -213,6 +220,7 @@ def inpaint(
     from .pipeline import _seed_list
 
     start = time.perf_counter()
+    precheck(steps, guidance, temperature, schedule)
     img, msk = load_image(image), load_mask(mask)  # bad files fail before the model loads
     seeds = _seed_list(parse_seeds(seed), num_images)
     paths = output_paths(output, seeds, force)
@@ -255,6 +263,7 @@ def extend(
     bad = [d for d in direction if d.lower() not in DIRECTIONS]
     if bad:
         raise ShowoError(f"unknown direction {bad[0]!r}; choose from {', '.join(DIRECTIONS)}")
+    precheck(steps, guidance, temperature, schedule)
     img = load_image(image)
     seeds = _seed_list(parse_seeds(seed), 1)
     paths = output_paths(output, seeds, force)

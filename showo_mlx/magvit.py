@@ -362,8 +362,7 @@ def load_magvit_weights(
     except ValueError as e:
         msg = " ".join(str(e).split())
         raise CheckpointError(f"MAGVIT-v2 weights do not match the config: {msg[:300]}") from None
-    if dtype != mx.float32 or any(v.dtype != dtype for _, v in items):
-        model.set_dtype(dtype)
+    model.set_dtype(dtype)  # floating-point parameters only
     mx.eval(model.parameters())
     return model
 
@@ -398,16 +397,18 @@ def load_magvit(
     path = folder / name
     if not path.is_file():
         raise CheckpointError(f"{path} not found; is {folder} a MAGVIT-v2 folder?")
-    if official:
-        from safetensors.numpy import load_file
+    def wanted(key: str) -> bool:  # a decoder-only model never reads the encoder's tensors
+        return with_encoder or not key.startswith("encoder.")
 
-        try:
-            weights = sanitize_magvit_weights(load_file(str(path)))
-        except Exception as e:  # safetensors raises its own error types on corrupt files
-            raise CheckpointError(f"cannot read {path}: {e}; re-download it") from None
-    else:
-        try:
-            weights = mx.load(str(path))
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path}: {e}; re-convert the model") from None
+    try:
+        if official:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                weights = sanitize_magvit_weights({k: f.get_tensor(k) for k in f.keys() if wanted(k)})
+        else:
+            weights = {k: v for k, v in mx.load(str(path)).items() if wanted(k)}
+    except Exception as e:  # safetensors / mlx raise their own error types on corrupt files
+        fix = "re-download it" if official else "re-convert the model"
+        raise CheckpointError(f"cannot read {path}: {' '.join(str(e).split())}; {fix}") from None
     return load_magvit_weights(MagvitV2(config, with_encoder=with_encoder), weights, dtype)

@@ -103,3 +103,17 @@ def test_half_precision_error_is_bounded(converted, dtype, bound):
     err = np.abs(out - T["t2i.logits"]).max()
     assert np.isfinite(out).all()
     assert err <= bound, f"{dtype}: {err}"
+
+
+def test_blockwise_backend_through_the_model(fx_model, prompting, monkeypatch):
+    # The plan-following attention (the Metal kernel's CPU twin) gives the reference logits too,
+    # for a full CFG batch and for prefix-cached image steps.
+    monkeypatch.setenv("SHOWO_ATTENTION", "blockwise")
+    ids = T["t2i.input_ids"]
+    layouts = prompting.t2i_layouts(ids)
+    out = np.array(fx_model(mx.array(ids), mask=attention_mask(layouts)))
+    assert np.abs(out - T["t2i.logits"]).max() <= 1e-4
+    p = prompting.max_text_len
+    cache = fx_model.prefix_cache(mx.array(ids[:, :p]), attention_mask(layouts, 0, p, k_end=p))
+    tail = np.array(fx_model(mx.array(ids[:, p:]), mask=attention_mask(layouts, p), cache=cache))
+    assert np.abs(tail - T["t2i.logits"][:, p:]).max() <= 1e-4
