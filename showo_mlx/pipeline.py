@@ -385,13 +385,16 @@ class Pipeline:
 
 # -- helpers -----------------------------------------------------------------------------------
 def _seed_list(seed, n: int) -> list[int]:
+    """One seed per image: an explicit list, or s, s+1, …, s+n-1 from one seed (random if None)."""
     if seed is None:
         seed = int(time.time_ns() % 2**31)
     if isinstance(seed, (list, tuple)):
         seeds = [int(s) for s in seed]
         if not seeds:
             raise GenerationInputError("empty seed list")
-        return [sd + i for sd in seeds for i in range(n)] if n > 1 else seeds
+        if n > 1 and len(seeds) > 1:
+            raise GenerationInputError("several seeds and -n > 1 together are ambiguous; give one seed with -n, or list every seed")
+        return [seeds[0] + i for i in range(n)] if n > 1 else seeds
     return [int(seed) + i for i in range(n)]
 
 
