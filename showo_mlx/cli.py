@@ -107,7 +107,7 @@ def save_images(results, paths: list[Path], model: str) -> None:
 class StepProgress:
     """tqdm over MaskGIT steps (all batches), used as the decode loop's callback."""
 
-    def __init__(self, total: int, desc: str):
+    def __init__(self, total: Optional[int], desc: str):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
@@ -115,8 +115,26 @@ class StepProgress:
     def __call__(self, step, steps, tokens):
         self.bar.update(1)
 
-    def close(self):
+    def __enter__(self) -> "StepProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.bar.close()
+
+
+class GenerationOptions:
+    """The generation options shared by generate, inpaint and extend."""
+
+    def __init__(self, steps, guidance, temperature, schedule, greedy):
+        self.overrides = dict(steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+        precheck(steps, guidance, temperature, schedule)  # before loading gigabytes of weights
+
+    def resolve(self, pipe, task: str) -> dict:
+        """The model's defaults for `task` with the user's overrides, as keyword arguments."""
+        s = pipe.settings(task, **self.overrides)
+        typer.echo(f"{pipe.name}: {task}, {s.steps} steps, guidance {s.guidance}, schedule {s.schedule}, "
+                   + ("greedy" if s.greedy else f"temperature {s.temperature}"), err=True)
+        return dict(steps=s.steps, guidance=s.guidance, temperature=s.temperature, schedule=s.schedule, greedy=s.greedy)
 
 
 def load_pipeline(model: str, dtype: Optional[str], quantize: Optional[int]):
@@ -174,7 +192,7 @@ def generate(
     start = time.perf_counter()
     if num_images < 1:
         raise ShowoError(f"--num-images must be >= 1, got {num_images}")
-    precheck(steps, guidance, temperature, schedule)
+    options = GenerationOptions(steps, guidance, temperature, schedule, greedy)
     seeds = _seed_list(parse_seeds(seed), num_images)
     rows = [(p, s) for p in prompts for s in seeds]
     if output is None:
@@ -183,15 +201,9 @@ def generate(
     pipe = load_pipeline(model, dtype, quantize)
     for p in pipe.truncated(prompts):
         typer.echo(f"note: prompt truncated to the model's 126-token limit: {p[:40]!r}…", err=True)
-    s = pipe.settings("generate", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
-    typer.echo(f"{pipe.name}: {len(rows)} image(s), {s.steps} steps, guidance {s.guidance}, schedule {s.schedule}"
-               + (", greedy" if greedy else ""), err=True)
-    progress = StepProgress(s.steps * -(-len(rows) // max(1, batch_size)), "generate")
-    try:
-        results = pipe.generate(prompts, seed=seeds, n=1, steps=s.steps, guidance=s.guidance, temperature=s.temperature,
-                                schedule=s.schedule, greedy=greedy, batch_size=batch_size, callback=progress)
-    finally:
-        progress.close()
+    settings = options.resolve(pipe, "generate")
+    with StepProgress(settings["steps"] * -(-len(rows) // max(1, batch_size)), "generate") as progress:
+        results = pipe.generate(prompts, seed=seeds, batch_size=batch_size, callback=progress, **settings)
     save_images(results, paths, pipe.name)
     closing_line(start)
 
@@ -220,18 +232,14 @@ def inpaint(
     from .pipeline import _seed_list
 
     start = time.perf_counter()
-    precheck(steps, guidance, temperature, schedule)
+    options = GenerationOptions(steps, guidance, temperature, schedule, greedy)
     img, msk = load_image(image), load_mask(mask)  # bad files fail before the model loads
     seeds = _seed_list(parse_seeds(seed), num_images)
     paths = output_paths(output, seeds, force)
     pipe = load_pipeline(model, dtype, quantize)
-    s = pipe.settings("inpaint", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
-    progress = StepProgress(s.steps, "inpaint")
-    try:
-        results = pipe.inpaint(img, msk, prompt, seed=seeds, steps=s.steps, guidance=s.guidance,
-                               temperature=s.temperature, schedule=s.schedule, greedy=greedy, callback=progress)
-    finally:
-        progress.close()
+    settings = options.resolve(pipe, "inpaint")
+    with StepProgress(settings["steps"], "inpaint") as progress:
+        results = pipe.inpaint(img, msk, prompt, seed=seeds, callback=progress, **settings)
     save_images(results, paths, pipe.name)
     closing_line(start)
 
@@ -263,20 +271,16 @@ def extend(
     bad = [d for d in direction if d.lower() not in DIRECTIONS]
     if bad:
         raise ShowoError(f"unknown direction {bad[0]!r}; choose from {', '.join(DIRECTIONS)}")
-    precheck(steps, guidance, temperature, schedule)
+    options = GenerationOptions(steps, guidance, temperature, schedule, greedy)
     img = load_image(image)
     seeds = _seed_list(parse_seeds(seed), 1)
     paths = output_paths(output, seeds, force)
     pipe = load_pipeline(model, dtype, quantize)
-    s = pipe.settings("extend", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+    settings = options.resolve(pipe, "extend")
     results = []
     for sd in seeds:
-        progress = StepProgress(None, "extend")  # windows per step depend on the canvas shape
-        try:
-            results += pipe.extrapolate(img, prompts, direction, offset=offset, seed=sd, steps=s.steps, guidance=s.guidance,
-                                        temperature=s.temperature, schedule=s.schedule, greedy=greedy, callback=progress)
-        finally:
-            progress.close()
+        with StepProgress(None, "extend") as progress:  # windows per step depend on the canvas shape
+            results += pipe.extrapolate(img, prompts, direction, offset=offset, seed=sd, callback=progress, **settings)
     save_images(results, paths, pipe.name)
     closing_line(start)
 
