@@ -100,7 +100,10 @@ def normalize_mode(image: Image.Image, mode: str = "RGB", alpha: str = "drop") -
     if im.mode != mode:
         if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "1"):
             notes.append(f"{im.mode} image converted to {mode}")
-        im = im.convert(mode)
+        try:
+            im = im.convert(mode)
+        except ValueError as e:  # exotic modes Pillow cannot convert directly (e.g. "La")
+            raise ImageInputError(f"cannot convert a {im.mode} image to {mode} ({_one_line(e)})") from None
     else:
         im = im.copy()
     im.info[NOTES_KEY] = notes

@@ -118,7 +118,7 @@ def load_transformer(
 
 def load_magvit(folder: Path, config: dict[str, Any] | None = None, *, dtype: str | None = None, with_encoder: bool = True):
     """The MAGVIT-v2 tokenizer of a converted folder; decoder-only when `with_encoder` is False."""
-    from .magvit import MagvitV2
+    from .magvit import MagvitV2, load_magvit_weights
 
     folder = Path(folder)
     config = config or read_model_config(folder)
@@ -127,14 +127,7 @@ def load_magvit(folder: Path, config: dict[str, Any] | None = None, *, dtype: st
     vq_cfg = MagvitConfig.from_dict(config["magvit"])
     dtype = dtype or config.get("magvit_dtype", "float32")
     weights = _load_safetensors(folder, [config.get("files", {}).get("magvit", "magvit.safetensors")])
-    if not with_encoder:
-        weights = {k: v for k, v in weights.items() if not k.startswith("encoder.")}
-    target = DTYPES[dtype]
     vq = MagvitV2(vq_cfg, with_encoder=with_encoder)
-    try:
-        vq.load_weights([(k, v.astype(target)) for k, v in weights.items()], strict=True)
-    except ValueError as e:
-        raise CheckpointError(f"{folder}: MAGVIT weights do not match the config ({str(e).splitlines()[0]})") from None
+    load_magvit_weights(vq, weights, DTYPES[dtype])  # skips encoder tensors when decoder-only
     vq.eval()
-    mx.eval(vq.parameters())
     return vq

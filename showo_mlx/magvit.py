@@ -25,7 +25,7 @@ from .errors import CheckpointError
 __all__ = [
     "MagvitV2",
     "sanitize_magvit_weights",
-    "load_magvit",
+    "load_magvit_folder",
     "load_magvit_weights",
 ]
 
@@ -367,7 +367,7 @@ def load_magvit_weights(
     return model
 
 
-def load_magvit(
+def load_magvit_folder(
     source: str | Path | Mapping[str, Any],
     config: MagvitConfig | None = None,
     dtype: mx.Dtype = mx.float32,
@@ -385,7 +385,7 @@ def load_magvit(
     """
     if isinstance(source, Mapping):
         if config is None:
-            raise ValueError("load_magvit(weights_dict) needs config=")
+            raise ValueError("load_magvit_folder(weights_dict) needs config=")
         return load_magvit_weights(MagvitV2(config, with_encoder=with_encoder), source, dtype)
 
     folder = Path(source)

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from showo_mlx.config import MagvitConfig
 from showo_mlx.errors import CheckpointError
 from showo_mlx.images import to_uint8
-from showo_mlx.magvit import MagvitV2, load_magvit, load_magvit_weights, sanitize_magvit_weights
+from showo_mlx.magvit import MagvitV2, load_magvit_folder, load_magvit_weights, sanitize_magvit_weights
 
 FIX = Path(__file__).parent / "fixtures" / "reference"
 MAGVIT_DIR = FIX / "magvitv2"
@@ -118,14 +118,14 @@ def test_mismatched_weights_raise(config, weights):
 
 
 def test_load_official_folder_and_converted_folder(tmp_path, model, ref):
-    official = load_magvit(MAGVIT_DIR, with_encoder=False)
+    official = load_magvit_folder(MAGVIT_DIR, with_encoder=False)
     assert not official.has_encoder
     # A converted folder: our config.json + model.safetensors with our names (OHWI).
     conv = tmp_path / "magvit"
     conv.mkdir()
     (conv / "config.json").write_text(json.dumps(model.config.to_dict()))
     mx.save_safetensors(str(conv / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    converted = load_magvit(conv)
+    converted = load_magvit_folder(conv)
     codes = mx.array(ref["codes"])
     want = np.array(model.decode(codes))
     np.testing.assert_array_equal(np.array(official.decode(codes)), want)
@@ -138,10 +138,10 @@ def test_load_folder_errors(tmp_path, model):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
     with pytest.raises(CheckpointError, match="not found"):
-        load_magvit(folder)
+        load_magvit_folder(folder)
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(CheckpointError, match="cannot read") as e:
-        load_magvit(folder)
+        load_magvit_folder(folder)
     assert "\n" not in str(e.value)
 
 
