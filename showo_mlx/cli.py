@@ -424,16 +424,16 @@ def reconstruct(
     closing_line(start)
 
 
-def _register_optional() -> None:
-    """Sub-command groups that live in their own packages (training, benchmarks)."""
-    try:
-        from .train.cli import register
-    except ImportError:
-        return
-    register(app)
+def _register_subcommands() -> None:
+    """Commands that live in their own modules: prepare/train/fuse (train/cli.py) and bench."""
+    from .bench import register as register_bench
+    from .train.cli import register as register_training
+
+    register_training(app)
+    register_bench(app)
 
 
-_register_optional()
+_register_subcommands()
 
 
 def main() -> None:

@@ -138,8 +138,6 @@ class ShowoTransformer(nn.Module):
         self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=True)
-        # When True each block is recomputed in the backward pass (training memory saver).
-        self.checkpoint_layers = False
 
     def hidden_states(
         self,
@@ -155,10 +153,7 @@ class ShowoTransformer(nn.Module):
             collect.append(x)
         cache = cache if cache is not None else [None] * len(self.layers)
         for layer, c in zip(self.layers, cache):
-            if self.checkpoint_layers and c is None:
-                x = mx.checkpoint(lambda x, layer=layer: layer(x, mask))(x)
-            else:
-                x = layer(x, mask, c)
+            x = layer(x, mask, c)
             if collect is not None:
                 collect.append(x)
         x = self.final_layernorm(x)

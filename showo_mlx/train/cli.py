@@ -1,0 +1,115 @@
+"""`showo prepare`, `showo train`, `showo fuse` — registered on the main typer app by `register`.
+
+Bad input surfaces as one line on stderr and exit code 2 (ShowoError), Ctrl-C as exit 130, the
+same contract as the other showo commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from ..errors import ShowoError
+
+MODEL_HELP = "Hub id (e.g. showlab/show-o) or a local folder (converted or official layout)."
+
+
+def _errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ShowoError as e:
+            typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("\ninterrupted; the last checkpoint is kept (resume with --resume)", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _echo(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _done(start: float) -> None:
+    import mlx.core as mx
+
+    _echo(f"done in {time.perf_counter() - start:.1f} s, peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+
+
+def prepare_command(
+    data: str = typer.Argument(..., help="Image-caption folder, JSONL, class folders, .tar shards (glob or {000..009}), or LLaVA JSON."),
+    out: Path = typer.Argument(..., help="Output folder for the prepared codes."),
+    model: str = typer.Option("showlab/show-o", "--model", "-m", help=MODEL_HELP),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image size in pixels (default: the model's)."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="pairs, jsonl, classes, tar or llava (default: detected)."),
+    image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder that JSONL/LLaVA image paths are relative to."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images encoded at once."),
+    shard_size: int = typer.Option(4096, "--shard-size", help="Rows per output shard."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Encode a dataset's images to MAGVIT-v2 codes once, for `showo train`."""
+    from .prepare import prepare
+
+    start = time.perf_counter()
+    prepare(data, out, model=model, resolution=resolution, kind=kind, image_root=image_root,
+            batch_size=batch_size, shard_size=shard_size, force=force, log=_echo)
+    _done(start)
+
+
+def train_command(
+    config: Path = typer.Argument(..., help="Training YAML (keys in docs/TRAINING.md; `preset:` picks a reference stage)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    data: Optional[str] = typer.Option(None, "--data", help="Prepared image-caption data (t2i rows)."),
+    mmu_data: Optional[str] = typer.Option(None, "--mmu-data", help="Prepared captions or LLaVA data (mmu rows)."),
+    lm_data: Optional[str] = typer.Option(None, "--lm-data", help="Text .txt/.jsonl (lm rows)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder (checkpoints, logs, result)."),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters instead of all weights."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key: --set lr=5e-5 (repeatable)."),
+) -> None:
+    """Train or fine-tune Show-o (full or LoRA), on one Mac or several (mlx.launch)."""
+    from .config import TrainConfig
+    from .trainer import Trainer
+
+    start = time.perf_counter()
+    overrides = {"model": model, "data": data, "mmu_data": mmu_data, "lm_data": lm_data, "output": output,
+                 "fine_tune": "lora" if lora else None}
+    cfg = TrainConfig.load(config, overrides, set_ or [])
+    trainer = Trainer(cfg, resume=resume, log=_echo)
+    result = trainer.run()
+    if trainer.world.is_main:
+        last = result.history[-1] if result.history else None
+        if last is not None:
+            losses = ", ".join(f"{k} {v:.4f}" for k, v in last.losses.items() if v is not None)
+            _echo(f"step {result.steps}: {losses}")
+        if result.output is not None:
+            _echo(f"saved {result.output}")
+        _done(start)
+
+
+def fuse_command(
+    model: str = typer.Argument(..., help="The base model the adapters were trained on. " + MODEL_HELP),
+    adapters: Path = typer.Argument(..., help="Adapters folder (RUN/adapters)."),
+    out: Path = typer.Argument(..., help="Output model folder."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights even if the base was quantized."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Merge LoRA adapters into the base weights; the result loads like any converted model."""
+    from .lora import fuse
+
+    start = time.perf_counter()
+    fuse(model, adapters, out, dequantize=dequantize, force=force, log=_echo)
+    _done(start)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prepare")(_errors(prepare_command))
+    app.command("train")(_errors(train_command))
+    app.command("fuse")(_errors(fuse_command))
