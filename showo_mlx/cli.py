@@ -7,12 +7,11 @@ prompt, seed, steps, guidance, schedule, model and version.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 
@@ -25,34 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-MODEL_HELP = "Hub id (e.g. showlab/show-o) or a local folder (converted or official layout)."
-
-
-def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def handle_errors(fn: Callable) -> Callable:
-    """Map showo-mlx's typed errors to one line + exit 2, Ctrl-C to exit 130."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ShowoError as e:
-            fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        except KeyboardInterrupt:
-            typer.echo("\ninterrupted; nothing more was written", err=True)
-            raise typer.Exit(130)
-
-    return wrapper
-
-
-def closing_line(start: float) -> None:
-    import mlx.core as mx
-
-    typer.echo(f"done in {time.perf_counter() - start:.1f} s, peak memory {mx.get_peak_memory() / 1e9:.2f} GB", err=True)
+from .cli_common import MODEL_HELP, closing_line, handle_errors
 
 
 def parse_seeds(values: Optional[List[str]]) -> Optional[list[int]]:

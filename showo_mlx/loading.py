@@ -8,14 +8,11 @@ config's quantization block and never guesses from shapes.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .config import MagvitConfig, ShowoConfig, read_json
 from .convert import (

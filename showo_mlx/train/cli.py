@@ -6,41 +6,22 @@ same contract as the other showo commands.
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 
-from ..errors import ShowoError
+from ..cli_common import MODEL_HELP, closing_line, handle_errors
 
-MODEL_HELP = "Hub id (e.g. showlab/show-o) or a local folder (converted or official layout)."
-
-
-def _errors(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ShowoError as e:
-            typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
-            raise typer.Exit(2)
-        except KeyboardInterrupt:
-            typer.echo("\ninterrupted; the last checkpoint is kept (resume with --resume)", err=True)
-            raise typer.Exit(130)
-
-    return wrapper
+_errors = handle_errors(interrupted="interrupted; the last checkpoint is kept (resume with --resume)")
 
 
 def _echo(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _done(start: float) -> None:
-    import mlx.core as mx
-
-    _echo(f"done in {time.perf_counter() - start:.1f} s, peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+_done = closing_line
 
 
 def prepare_command(
