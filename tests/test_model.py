@@ -13,7 +13,6 @@ from showo_mlx.decoding import generate_tokens
 from showo_mlx.layout import Layout, mmu_layout
 from showo_mlx.loading import load_transformer
 from showo_mlx.model import PrefixCache
-from showo_mlx.prompting import Prompt
 
 T = load_npz("transformer")
 MMU = load_npz("mmu")

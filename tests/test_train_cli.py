@@ -1,4 +1,5 @@
-"""`showo prepare` + `showo train --lora` + `showo fuse` end to end through typer (CliRunner)."""
+"""`showo prepare` + `showo train --lora` + `showo fuse` + `showo generate` end to end through the
+main `showo` app (typer's CliRunner)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,12 @@ import typer
 from test_train_data import make_pairs, make_text
 from typer.testing import CliRunner
 
-from showo_mlx.train.cli import register
+from showo_mlx.cli import app as showo_app
 
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    app = typer.Typer(add_completion=False)
-    register(app)
-    return app
+    return showo_app
 
 
 def _ok(result):
@@ -66,6 +65,14 @@ def test_prepare_train_fuse_end_to_end(app, converted, tmp_path):
     want = np.array(with_lora(ids, mask="causal"))
     assert np.abs(got - np.array(base(ids, mask="causal"))).max() > 1e-2  # the adapters did something
     np.testing.assert_allclose(got, want, atol=1e-4)  # and fusing preserved it
+
+    # the fused folder is an ordinary model: `showo generate` paints with it
+    png = tmp_path / "fused.png"
+    _ok(runner.invoke(app, ["generate", "a red cat", "--model", str(fused), "--steps", "4", "--seed", "1", "-o", str(png)]))
+    from showo_mlx.images import read_png_metadata
+    from PIL import Image
+
+    assert Image.open(png).size == (128, 128) and read_png_metadata(png)["model"] == str(fused)
 
     # errors are one line and exit code 2
     r = runner.invoke(app, ["fuse", str(converted), str(adapters), str(fused)])
