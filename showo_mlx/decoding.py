@@ -48,7 +48,11 @@ def generate_tokens(
     stop_ids: Sequence[int],
     options: SamplingOptions | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids (batch 1); a stop token is yielded, then generation ends (as reference)."""
+    """Yield new token ids (batch 1); a stop token is yielded, then generation ends (as reference).
+
+    Pipelined as mlx-lm does: the graph of token t+1 is built and queued (`mx.async_eval`) before
+    token t is read back to Python, so building the graph overlaps the computation instead of
+    waiting for it. The price is one token computed and discarded after a stop token."""
     options = (options or SamplingOptions()).validate()
     if max_tokens < 1:
         raise GenerationInputError(f"max tokens must be >= 1, got {max_tokens}")
@@ -56,15 +60,28 @@ def generate_tokens(
         mx.random.seed(options.seed)
     sampler = options.sampler()
     cache = [KVCache() for _ in model.layers]
-    logits = model(prompt_ids, mask=mask, cache=cache)[:, -1, :]
     stop = set(int(s) for s in stop_ids)
-    for _ in range(max_tokens):
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = int(sampler(logprobs).item())
+
+    def sample(logits: mx.array) -> mx.array:
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    y = sample(last_logits(model, prompt_ids, mask=mask, cache=cache))
+    mx.async_eval(y)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            next_y = sample(last_logits(model, y.reshape(1, 1), cache=cache))
+            mx.async_eval(next_y)
+        token = int(y.item())
         yield token
         if token in stop:
             return
-        logits = model(mx.array([[token]]), cache=cache)[:, -1, :]
+        y = next_y
+
+
+def last_logits(model: ShowoTransformer, ids: mx.array, **kwargs) -> mx.array:
+    """Logits (B, vocab) of the last position only: over every position the head would add ~9% to
+    a prefill's FLOPs (58498 × 2048 weights vs 1.21 B in the layers), and only the last is sampled."""
+    return model.lm_head(model.hidden_states(ids, **kwargs)[:, -1, :])
 
 
 class IncrementalText:

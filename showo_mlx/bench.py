@@ -1,0 +1,652 @@
+"""`showo bench`: what the caches buy, measured in one run on this machine.
+
+Three tasks, each the way the pipeline runs it and the way the reference runs it:
+
+* t2i: MaskGIT steps (batch 1, CFG on) with the text prefixes cached (`CachedImageLogits`) vs the
+  reference's full recompute of both rows over the whole vocabulary (`RecomputeImageLogits`);
+* ask: answer tokens with the KV cache (`generate_tokens`) vs the reference's full forward of the
+  whole sequence per token (spec §6.9);
+* MAGVIT-v2 encode and decode.
+
+Without `--model` the full-size architecture is built with random weights (nothing is downloaded):
+speed and memory depend on shapes, not on values. Every timed call follows a warm-up call of the
+same shape and is fully evaluated; greedy decoding makes both paths of a task comparable output
+for output, and the run reports whether they agree. Peak memory is MLX's active-memory peak per
+phase (`mx.reset_peak_memory` before it), resident weights included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .attention import attention_mask
+from .config import MagvitCoderConfig, MagvitConfig, ShowoConfig
+from .convert import DTYPES, QuantizeSpec, quantize_transformer
+from .errors import ShowoError
+from .layout import mmu_layout
+from .maskgit import GreedyRandomness, decode_image_tokens
+from .memory import GB, apply_low_ram, max_rss_bytes, peak_bytes, reset_peak, throttled
+from .model import ShowoTransformer
+from .prompting import Prompting, SpecialIds
+from .t2i import CachedImageLogits, RecomputeImageLogits, UncondPrefixStore
+
+PROMPT = "a red fox sitting in fresh snow at sunrise, highly detailed photograph"
+QUESTION = "What is shown in this image? Describe it in detail."
+PHASES = ("t2i", "ask", "magvit")
+
+
+@dataclass
+class BenchOptions:
+    model: str | None = None  # converted/official folder or Hub id; None = random weights
+    resolution: int = 256  # random weights only: 256 (N = 256) or 512 (N = 1024)
+    dtype: str | None = None  # None: float32 for random weights, the stored dtype for --model
+    quantize: int | None = None
+    group_size: int = 64
+    head_bits: int | None = None
+    vq_dtype: str | None = None  # None: float16 when quantized (as convert writes it), else dtype
+    steps: int | None = None  # measured MaskGIT steps; None = the model's default
+    tokens: int = 100  # answer length
+    recompute_tokens: int | None = None  # recomputed answer positions; None = all of them
+    recompute: bool = True
+    phases: tuple[str, ...] = PHASES
+    low_ram: bool = False
+    warmup: bool = True  # False only for memory runs of very slow configurations
+    tiny: bool = False  # a scaled-down architecture, for tests
+    seed: int = 0
+
+    def validate(self) -> "BenchOptions":
+        if self.model is None and self.resolution not in (256, 512) and not self.tiny:
+            raise ShowoError(f"--random takes 256 or 512, got {self.resolution}")
+        for name, value in (("steps", self.steps), ("tokens", self.tokens), ("recompute tokens", self.recompute_tokens)):
+            if value is not None and value < 1:
+                raise ShowoError(f"--{name.replace(' ', '-')} must be >= 1, got {value}")
+        if self.tokens < 2:
+            raise ShowoError("--tokens must be >= 2 (the per-token time is measured after the first token)")
+        bad = [p for p in self.phases if p not in PHASES]
+        if bad:
+            raise ShowoError(f"unknown phase {bad[0]!r}; choose from {', '.join(PHASES)}")
+        for d in (self.dtype, self.vq_dtype):
+            if d is not None and d not in DTYPES:
+                raise ShowoError(f"unsupported dtype {d!r}; choose one of {list(DTYPES)}")
+        if self.quantize is not None:
+            QuantizeSpec(self.quantize, self.group_size, self.head_bits).validate()
+        return self
+
+
+# -- a tokenizer-free Prompting for random weights --------------------------------------------------
+class SyntheticPrompting(Prompting):
+    """The reference's sequence builders without tokenizer files: words and punctuation map to
+    stable ids (≈ one BPE token per word), special ids follow the real layout after the LLM
+    vocabulary ([PAD], then soi, eoi, sov, eov, t2i, mmu, …). Shapes and masks are the real ones,
+    which is all a benchmark needs."""
+
+    def __init__(self, config: ShowoConfig):
+        self.tokenizer = None
+        self.config = config
+        self.max_text_len = config.max_seq_length + 1
+        base = config.llm_vocab_size
+        self.ids = SpecialIds(
+            bos=base - 1, pad=base, soi=base + 1, eoi=base + 2, t2i=base + 5, mmu=base + 6,
+            image_offset=config.image_token_offset, mask=config.mask_token_id,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return [zlib.crc32(w.encode()) % (self.ids.bos - 1) for w in re.findall(r"\w+|[^\w\s]", text)]
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+# -- the model under test ----------------------------------------------------------------------------
+@dataclass
+class Components:
+    model: ShowoTransformer
+    prompting: Prompting
+    make_vq: Callable[[bool], nn.Module]  # with_encoder → a MAGVIT-v2 ready to run
+    name: str
+    dtype: str
+    vq_dtype: str
+    disk_bytes: dict[str, int] | None = None
+
+
+def tiny_configs() -> tuple[ShowoConfig, MagvitConfig]:
+    """A scaled-down Show-o (2 layers, hidden 64, 8×8 tokens, 128 px) for tests of the machinery."""
+    cfg = ShowoConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        vocab_size=499 + 10 + 64 + 1, llm_vocab_size=499, codebook_size=64, num_vq_tokens=64,
+        mask_token_id=499 + 10 + 64, max_seq_length=32,
+    ).validate()
+    coder = MagvitCoderConfig(ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=(1, 1, 1, 1, 1), z_channels=6)
+    return cfg, MagvitConfig(encoder=coder, decoder=coder, codebook_bits=6)
+
+
+def random_components(opts: BenchOptions) -> Components:
+    """The full-size architecture (or the tiny one) with random weights, cast/quantized as asked."""
+    if opts.tiny:
+        cfg, vq_cfg = tiny_configs()
+    else:
+        cfg, vq_cfg = ShowoConfig(num_vq_tokens=(opts.resolution // 16) ** 2), MagvitConfig()
+    dtype = opts.dtype or "float32"
+    mx.random.seed(opts.seed)
+    model = ShowoTransformer(cfg)
+    if dtype != "float32":
+        model.set_dtype(DTYPES[dtype])
+    if opts.quantize is not None:
+        quantize_transformer(model, QuantizeSpec(opts.quantize, opts.group_size, opts.head_bits))
+    model.eval()
+    mx.eval(model.parameters())
+    vq_dtype = opts.vq_dtype or ("float16" if opts.quantize is not None else dtype)
+
+    def make_vq(with_encoder: bool):
+        from .magvit import MagvitV2
+
+        vq = MagvitV2(vq_cfg, with_encoder=with_encoder)
+        vq.set_dtype(DTYPES[vq_dtype])
+        vq.eval()
+        mx.eval(vq.parameters())
+        return vq
+
+    name = "tiny random" if opts.tiny else f"random weights, {opts.resolution} px"
+    return Components(model, SyntheticPrompting(cfg), make_vq, name, dtype, vq_dtype)
+
+
+def folder_components(opts: BenchOptions) -> Components:
+    """A real model (Hub id or folder), loaded as the pipeline loads it."""
+    from .convert import folder_size
+    from .loading import load_magvit, resolve_model
+    from .pipeline import Pipeline
+
+    spec = QuantizeSpec(opts.quantize, opts.group_size, opts.head_bits) if opts.quantize is not None else None
+    folder = resolve_model(opts.model)
+    pipe = Pipeline(folder, dtype=opts.dtype, quantize=spec, vq_dtype=opts.vq_dtype, name=opts.model)
+    files = pipe.config.get("files", {})
+    disk = {
+        "transformer": sum((folder / f).stat().st_size for f in files.get("transformer", ["model.safetensors"])),
+        "magvit": (folder / files.get("magvit", "magvit.safetensors")).stat().st_size,
+        "folder": folder_size(folder),
+    }
+    vq_dtype = opts.vq_dtype or pipe.config.get("magvit_dtype", "float32")
+
+    def make_vq(with_encoder: bool):
+        return load_magvit(folder, pipe.config, dtype=opts.vq_dtype, with_encoder=with_encoder)
+
+    dtype = opts.dtype or pipe.config.get("dtype", "float32")
+    return Components(pipe.model, pipe.prompting, make_vq, str(opts.model), dtype, vq_dtype, disk)
+
+
+# -- sizes -------------------------------------------------------------------------------------------
+def tree_bytes(module: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(module.parameters()))
+
+
+def quantized_bytes(shape: tuple[int, ...], bits: int, group_size: int, scale_bytes: int) -> int:
+    """A quantized (out, in) matrix in MLX's affine format: packed `bits`-wide codes, plus one
+    scale and one bias per group of `group_size` inputs, in the model's float dtype."""
+    out, inp = shape
+    return out * inp * bits // 8 + 2 * out * (inp // group_size) * scale_bytes
+
+
+def expected_transformer_bytes(cfg: ShowoConfig, spec: QuantizeSpec | None, dtype: str = "float32") -> int:
+    """Tensor bytes of the transformer as `convert` writes it (safetensors header excluded), from the
+    shapes alone: the same layer choice as `quantize_transformer` (every Linear whose input width
+    divides by the group; embedding and head only with head_bits), the rest in `dtype`."""
+    item = DTYPES[dtype].size
+    shapes = ShowoTransformer(cfg)  # lazy: random init is never evaluated, nothing is allocated
+    total = 0
+    for path, module in shapes.named_modules():
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % (spec.group_size if spec else 1):
+            bits = None
+        elif path in ("embed_tokens", "lm_head"):
+            bits = spec.head_bits if spec else None
+        else:
+            bits = spec.bits if spec and isinstance(module, nn.Linear) else None
+        for name, value in module.items():
+            if not isinstance(value, mx.array):
+                continue
+            if name == "weight" and bits is not None:
+                total += quantized_bytes(tuple(value.shape), bits, spec.group_size, item)
+            else:
+                total += value.size * item
+    return total
+
+
+def size_table(cfg: ShowoConfig | None = None, vq_cfg: MagvitConfig | None = None) -> list[dict]:
+    """Expected 4-bit folder sizes (transformer + MAGVIT float16) for every group size, head width
+    and dtype of the scales (= the dtype the transformer is quantized from)."""
+    from .magvit import MagvitV2
+
+    cfg = cfg or ShowoConfig()
+    vq_bytes = param_count(MagvitV2(vq_cfg or MagvitConfig())) * 2
+    rows = []
+    for dtype in ("float16", "float32"):
+        for group in (32, 64, 128):
+            for head in (None, 8, 4):
+                t = expected_transformer_bytes(cfg, QuantizeSpec(4, group, head), dtype)
+                rows.append({"scales": dtype, "group_size": group, "head_bits": head, "transformer_bytes": t,
+                             "magvit_bytes": vq_bytes, "folder_bytes": t + vq_bytes})
+    return rows
+
+
+# -- timing helpers ----------------------------------------------------------------------------------
+def now() -> float:
+    return time.perf_counter()
+
+
+def default_steps(cfg: ShowoConfig) -> int:
+    return 50 if cfg.num_vq_tokens >= 1024 else 18  # the pipeline's t2i defaults (spec §6.4)
+
+
+def default_guidance(cfg: ShowoConfig) -> float:
+    return 5.0 if cfg.num_vq_tokens >= 1024 else 1.75
+
+
+def run_maskgit(c: Components, logits_fn, init: np.ndarray, steps: int) -> tuple[np.ndarray, list[float]]:
+    """Greedy MaskGIT over `steps` steps → (codes, seconds of every step). The decode loop
+    evaluates each step's tokens before its callback, so the stamps are step boundaries."""
+    cfg, times, last = c.model.config, [], [now()]
+
+    def tick(step, total, tokens):
+        t = now()
+        times.append(t - last[0])
+        last[0] = t
+
+    codes = decode_image_tokens(
+        logits_fn, init, steps=steps, mask_token_id=cfg.mask_token_id,
+        image_token_offset=c.prompting.ids.image_offset, codebook_size=cfg.codebook_size,
+        randomness=GreedyRandomness(), callback=tick,
+    )
+    return np.array(codes), times
+
+
+def timed_call(fn: Callable[[], object]) -> tuple[float, object]:
+    """Seconds for `fn()` with its result fully evaluated (arrays, or a logits function's caches)."""
+    start = now()
+    out = fn()
+    mx.eval([pc.state for pc in out.cache] if isinstance(out, CachedImageLogits) else out)
+    return now() - start, out
+
+
+# -- phases ------------------------------------------------------------------------------------------
+def bench_t2i(c: Components, opts: BenchOptions, log) -> dict:
+    """Cached vs recompute MaskGIT steps (greedy, CFG, batch 1) and the image decode; the peak of
+    `generate` is the larger of the steps' peak and the decode's."""
+    cfg = c.model.config
+    n, steps, guidance = cfg.num_vq_tokens, opts.steps or default_steps(cfg), default_guidance(cfg)
+    init = np.full((1, n), cfg.mask_token_id, dtype=np.int64)
+    cond = c.prompting.t2i_gen([PROMPT], init)
+    vq = c.make_vq(False)  # generation needs the decoder only
+    out: dict = {"tokens": n, "steps": steps, "default_steps": default_steps(cfg), "guidance": guidance,
+                 "sequence": int(cond.ids.shape[1])}
+
+    def cached() -> CachedImageLogits:  # a fresh uncond store: the first image of a process
+        return CachedImageLogits(c.model, c.prompting, cond, guidance, UncondPrefixStore())
+
+    if opts.warmup:
+        log("t2i: warm-up (1 cached step, 1 decode)")
+        codes, _ = run_maskgit(c, cached(), init, 1)
+        mx.eval(vq.decode(mx.array(codes)))
+    log(f"t2i: cached, {steps} steps")
+    reset_peak()
+    setup, fn = timed_call(cached)  # the cond and uncond text prefixes
+    cached_codes, times = run_maskgit(c, fn, init, steps)
+    out["cached"] = {"setup_s": setup, "step_s": float(np.mean(times)), "steps_s": times, "peak_bytes": peak_bytes()}
+    del fn
+    reset_peak()
+    with throttled(opts.low_ram):
+        out["decode_s"], _ = timed_call(lambda: vq.decode(mx.array(cached_codes)))
+    out["decode_peak_bytes"] = peak_bytes()
+    out["generate_peak_bytes"] = max(out["cached"]["peak_bytes"], out["decode_peak_bytes"])
+    out["cached"]["image_s"] = setup + out["default_steps"] * out["cached"]["step_s"] + out["decode_s"]
+    del vq
+    if opts.recompute:
+        if opts.warmup:
+            log("t2i: warm-up (1 recompute step)")
+            run_maskgit(c, RecomputeImageLogits(c.model, c.prompting, cond, guidance), init, 1)
+        log(f"t2i: recompute, {steps} steps")
+        reset_peak()
+        codes, times = run_maskgit(c, RecomputeImageLogits(c.model, c.prompting, cond, guidance), init, steps)
+        step_s = float(np.mean(times))
+        out["recompute"] = {"step_s": step_s, "steps_s": times, "peak_bytes": peak_bytes(),
+                            "image_s": out["default_steps"] * step_s + out["decode_s"]}
+        out["step_ratio"] = step_s / out["cached"]["step_s"]
+        out["image_ratio"] = out["recompute"]["image_s"] / out["cached"]["image_s"]
+        out["codes_identical"] = bool(np.array_equal(codes, cached_codes))
+        out["codes_differing"] = int((codes != cached_codes).sum())
+    return out
+
+
+def reference_next_token(model: ShowoTransformer, ids: mx.array, eoi: int) -> int:
+    """One answer token the reference's way (spec §6.9): the whole sequence through the model with
+    the grown prefix-LM mask, logits for every position over the full vocabulary, argmax of the last."""
+    mask = attention_mask([mmu_layout(ids.shape[1], eoi)])
+    logits = model(ids, mask=mask)[:, -1, :]
+    return int(mx.argmax(logits, axis=-1).item())
+
+
+def recompute_positions(tokens: int, measured: int | None) -> list[int]:
+    """Answer positions the recompute path is timed at: all, or `measured` evenly spaced ones (the
+    recompute cost grows with the position, so an even spread estimates the mean without bias)."""
+    if measured is None or measured >= tokens:
+        return list(range(tokens))
+    return sorted(set(np.linspace(0, tokens - 1, measured).round().astype(int).tolist()))
+
+
+def bench_ask(c: Components, opts: BenchOptions, log) -> dict:
+    from .decoding import generate_tokens  # imports mlx-lm (and transformers): ~1 s, only when used
+
+    cfg, t = c.model.config, opts.tokens
+    side = int(round(cfg.num_vq_tokens**0.5)) * 16
+    vq = c.make_vq(True)
+    pixels = mx.random.uniform(-1, 1, (1, side, side, 3), key=mx.random.key(opts.seed))
+    log("ask: image encode")
+    reset_peak()
+    out: dict = {"tokens": t}
+    with throttled(opts.low_ram):
+        out["encode_s"], codes = timed_call(lambda: vq.encode(pixels))
+    out["encode_peak_bytes"] = peak_bytes()
+    # The pipeline keeps its MAGVIT after encoding; with --low-ram it drops it (ask never decodes).
+    keep = None if opts.low_ram else vq
+    del vq
+    mx.clear_cache()
+    prompt = c.prompting.mmu_gen(c.prompting.image_ids(np.array(codes)), QUESTION)
+    ids, eoi = mx.array(prompt.ids), prompt.layouts[0].prefix_len - 1
+    mask = attention_mask(prompt.layouts)
+    out["prompt_tokens"] = int(ids.shape[1])
+
+    def answer(max_tokens: int) -> tuple[list[int], list[float]]:
+        stamps, tokens, start = [], [], now()
+        for token in generate_tokens(c.model, ids, mask=mask, max_tokens=max_tokens, stop_ids=()):
+            tokens.append(token)
+            stamps.append(now() - start)
+        return tokens, stamps
+
+    if opts.warmup:
+        log("ask: warm-up (prefill + 1 token)")
+        answer(2)
+    log(f"ask: KV cache, {t} tokens")
+    reset_peak()
+    tokens, stamps = answer(t)
+    per_token = (stamps[-1] - stamps[0]) / (t - 1) if t > 1 else float("nan")
+    out["cached"] = {"prefill_s": stamps[0], "token_s": per_token, "peak_bytes": peak_bytes()}
+    out["ask_peak_bytes"] = max(out["encode_peak_bytes"], out["cached"]["peak_bytes"])
+    if opts.recompute:
+        positions = recompute_positions(t, opts.recompute_tokens)
+        if opts.warmup:
+            log("ask: warm-up (1 full forward)")
+            reference_next_token(c.model, ids, eoi)
+        reset_peak()
+        log(f"ask: reference recompute at {len(positions)} of {t} answer positions")
+        times, agree = [], 0
+        for p in positions:
+            seq = mx.concatenate([ids, mx.array([tokens[:p]], dtype=ids.dtype)], axis=1) if p else ids
+            start = now()
+            token = reference_next_token(c.model, seq, eoi)
+            times.append(now() - start)
+            agree += int(token == tokens[p])
+        out["recompute"] = {"token_s": float(np.mean(times)), "positions": positions, "times_s": times,
+                            "measured_tokens": len(positions), "peak_bytes": peak_bytes()}
+        out["token_ratio"] = out["recompute"]["token_s"] / per_token
+        out["tokens_agree"] = agree
+        out["tokens_identical"] = agree == len(positions)
+    del keep
+    return out
+
+
+def bench_magvit(c: Components, opts: BenchOptions, log) -> dict:
+    cfg = c.model.config
+    grid = int(round(cfg.num_vq_tokens**0.5))
+    vq = c.make_vq(True)
+    pixels = mx.random.uniform(-1, 1, (1, grid * 16, grid * 16, 3), key=mx.random.key(opts.seed))
+    if opts.warmup:
+        log("magvit: warm-up (encode + decode)")
+        mx.eval(vq.decode(vq.encode(pixels)))
+    out: dict = {"resolution": grid * 16, "params": param_count(vq), "bytes": tree_bytes(vq)}
+    reset_peak()
+    with throttled(opts.low_ram):
+        out["encode_s"], codes = timed_call(lambda: vq.encode(pixels))
+    out["encode_peak_bytes"] = peak_bytes()
+    reset_peak()
+    with throttled(opts.low_ram):
+        out["decode_s"], _ = timed_call(lambda: vq.decode(codes))
+    out["decode_peak_bytes"] = peak_bytes()
+    return out
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda m: None) -> dict:
+    """Build (or load) the model, run the selected phases, return every number as a dict."""
+    from . import __version__
+    from .launcher import blas_status
+
+    opts.validate()
+    log("building the model" if opts.model is None else f"loading {opts.model}")
+    start = now()
+    c = random_components(opts) if opts.model is None else folder_components(opts)
+    cfg = c.model.config
+    load_s = now() - start
+    low_ram = asdict(apply_low_ram()) if opts.low_ram else None
+    result: dict = {
+        "meta": {
+            "date": time.strftime("%Y-%m-%d"), "showo_mlx": __version__, "mlx": mx.__version__,
+            "platform": f"{platform.system()} {platform.machine()}", "device": str(mx.default_device()),
+            "blas": blas_status(), "options": asdict(opts), "low_ram": low_ram,
+            "load_average": {"start": _loadavg()},
+        },
+        "model": {
+            "name": c.name, "dtype": c.dtype, "vq_dtype": c.vq_dtype, "quantize": opts.quantize,
+            "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "image_tokens": cfg.num_vq_tokens,
+            "transformer_params": param_count(ShowoTransformer(cfg)),  # logical count (lazy, unallocated)
+            "transformer_bytes": tree_bytes(c.model), "load_s": load_s, "disk_bytes": c.disk_bytes,
+        },
+    }
+    phases = {"t2i": bench_t2i, "ask": bench_ask, "magvit": bench_magvit}
+    for name in PHASES:
+        if name in opts.phases:
+            result[name] = phases[name](c, opts, log)
+            result["meta"]["load_average"][name] = _loadavg()
+            mx.clear_cache()
+    result["meta"]["max_rss_bytes"] = max_rss_bytes()
+    return result
+
+
+def _loadavg() -> float | None:
+    """1-minute load average: other processes on the machine skew the timings (notably on a
+    shared 2-core VM), so every phase records how busy the machine was when it ended."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+# -- the table ---------------------------------------------------------------------------------------
+def _s(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _gb(b: int | None) -> str:
+    if b is None:
+        return "-"
+    return f"{b / GB:.2f} GB" if b >= 0.1 * GB else f"{b / 1e6:.1f} MB"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _pair(a: int | None, b: int | None) -> str:
+    return _gb(a) + (f" / {_gb(b)}" if b is not None else "")
+
+
+def table_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
+    """(measure, cached, recompute, ratio, peak memory) rows of the report."""
+    rows = []
+    if "t2i" in r:
+        t = r["t2i"]
+        c, f = t["cached"], t.get("recompute", {})
+        est = "" if t["steps"] == t["default_steps"] else ", est."
+        rows += [
+            ("t2i text prefixes (cond + uncond)", _s(c["setup_s"]), "-", "", ""),
+            (f"t2i step, N={t['tokens']}, CFG ({t['steps']} measured)", _s(c["step_s"]), _s(f.get("step_s")),
+             _ratio(t.get("step_ratio")), _pair(c["peak_bytes"], f.get("peak_bytes"))),
+            ("t2i image decode (MAGVIT)", _s(t["decode_s"]), "", "", _gb(t["decode_peak_bytes"])),
+            (f"t2i image, {t['default_steps']} steps + decode{est}", _s(c["image_s"]), _s(f.get("image_s")),
+             _ratio(t.get("image_ratio")), _gb(t["generate_peak_bytes"])),
+        ]
+        if f:
+            same = "yes" if t["codes_identical"] else f"no ({t['codes_differing']} differ)"
+            rows.append(("t2i greedy codes identical", same, "", "", ""))
+    if "ask" in r:
+        a = r["ask"]
+        c, f = a["cached"], a.get("recompute", {})
+        measured = "" if not f else (
+            f"; recompute all {a['tokens']}" if f["measured_tokens"] == a["tokens"]
+            else f"; recompute at {f['measured_tokens']} of {a['tokens']}, evenly spaced"
+        )
+        rows += [
+            ("ask image encode (MAGVIT)", _s(a["encode_s"]), "", "", _gb(a["encode_peak_bytes"])),
+            (f"ask prefill ({a['prompt_tokens']} prompt tokens)", _s(c["prefill_s"]), "-", "", ""),
+            (f"ask per token ({a['tokens']} tokens{measured})", _s(c["token_s"]), _s(f.get("token_s")),
+             _ratio(a.get("token_ratio")), _pair(c["peak_bytes"], f.get("peak_bytes"))),
+            ("ask total (encode + answer)", "", "", "", _gb(a["ask_peak_bytes"])),
+        ]
+        if f:
+            rows.append(("ask greedy tokens identical", f"{a['tokens_agree']}/{f['measured_tokens']}", "", "", ""))
+    if "magvit" in r:
+        m = r["magvit"]
+        rows += [
+            (f"MAGVIT encode {m['resolution']} px", _s(m["encode_s"]), "", "", _gb(m["encode_peak_bytes"])),
+            (f"MAGVIT decode {m['resolution']} px", _s(m["decode_s"]), "", "", _gb(m["decode_peak_bytes"])),
+        ]
+    return rows
+
+
+def format_table(r: dict) -> str:
+    meta, model = r["meta"], r["model"]
+    head = [
+        f"showo bench {meta['date']}: {model['name']}, {model['dtype']}"
+        + (f", {model['quantize']}-bit" if model["quantize"] else "") + f", MAGVIT {model['vq_dtype']}",
+        f"mlx {meta['mlx']} on {meta['platform']}, {meta['blas']}",
+        f"transformer: {model['transformer_params'] / 1e6:,.1f} M params, {_gb(model['transformer_bytes'])} in memory"
+        + (f"; on disk {model['disk_bytes']['transformer'] / GB:.2f} GB + MAGVIT {model['disk_bytes']['magvit'] / GB:.2f} GB"
+           if model["disk_bytes"] else ""),
+    ]
+    if "magvit" in r:
+        head.append(f"MAGVIT-v2: {r['magvit']['params'] / 1e6:.1f} M params, {_gb(r['magvit']['bytes'])} in memory")
+    if meta.get("low_ram"):
+        head.append(f"low RAM: cache limit {meta['low_ram']['cache_limit'] / 1e6:.0f} MB, MAGVIT throttled, "
+                    "no encoder kept after encoding")
+    loads = {k: v for k, v in meta.get("load_average", {}).items() if v is not None}
+    if loads:
+        head.append("load average (1 min) " + ", ".join(f"{k} {v:.1f}" for k, v in loads.items())
+                    + f"; {os.cpu_count()} cores (timings are skewed when the load exceeds the cores)")
+    cols = ("measure", "cached", "recompute", "ratio", "peak memory")
+    rows = [cols] + table_rows(r)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    notes = ["ratio = recompute / cached; peak memory = MLX active-memory peak of that part, resident weights "
+             "included (cached / recompute); image and total rows: the larger of their parts"]
+    return "\n".join(head + [""] + lines + [""] + notes)
+
+
+def format_sizes(rows: list[dict]) -> str:
+    out = ["expected 4-bit folder sizes (transformer + MAGVIT float16), GB = 1e9 bytes",
+           f"{'scales':>8} {'group':>5} {'embed/head':>10} {'transformer':>12} {'folder':>8}"]
+    for row in rows:
+        head = f"{row['head_bits']}-bit" if row["head_bits"] else "float"
+        out.append(f"{row['scales']:>8} {row['group_size']:>5} {head:>10} {row['transformer_bytes'] / GB:>12.3f} "
+                   f"{row['folder_bytes'] / GB:>8.3f}")
+    return "\n".join(out)
+
+
+# -- the command -------------------------------------------------------------------------------------
+def register(app) -> None:
+    """Add `showo bench` to a typer app."""
+    import sys
+
+    import typer
+
+    @app.command()
+    def bench(
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder or Hub id (default: random weights)."),
+        random_size: int = typer.Option(256, "--random", help="Random-weight architecture: 256 or 512 px."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default), float16, bfloat16."),
+        quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantize the transformer to BITS."),
+        group_size: int = typer.Option(64, "--group-size", help="Quantization group size: 32, 64, 128."),
+        head_bits: Optional[int] = typer.Option(None, "--head-bits", help="Also quantize embedding and head."),
+        vq_dtype: Optional[str] = typer.Option(None, "--vq-dtype", help="MAGVIT dtype (default: float16 if quantized)."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="MaskGIT steps to time (default: the model's)."),
+        tokens: int = typer.Option(100, "--tokens", help="Answer length for ask."),
+        recompute_tokens: Optional[int] = typer.Option(
+            None, "--recompute-tokens", help="Time the recompute at this many evenly spaced positions (default all)."),
+        no_recompute: bool = typer.Option(False, "--no-recompute", help="Skip the reference-style paths."),
+        only: Optional[List[str]] = typer.Option(None, "--only", help="Phases: t2i, ask, magvit (repeat)."),
+        low_ram: bool = typer.Option(False, "--low-ram", help="Cap MLX's buffer cache, throttle MAGVIT, drop its encoder early."),
+        no_warmup: bool = typer.Option(False, "--no-warmup", help="Skip warm-ups (memory-only runs of slow configs)."),
+        json_out: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file."),
+        sizes: bool = typer.Option(False, "--sizes", help="Print expected 4-bit folder sizes and exit."),
+        tiny: bool = typer.Option(False, "--tiny", hidden=True),
+    ):
+        """Speed and memory: cached vs reference recompute for t2i and ask, MAGVIT, model size."""
+        try:
+            if sizes:
+                typer.echo(format_sizes(size_table()))
+                return
+            from .launcher import slow_blas_hint
+
+            opts = BenchOptions(
+                model=model, resolution=random_size, dtype=dtype, quantize=quantize, group_size=group_size,
+                head_bits=head_bits, vq_dtype=vq_dtype, steps=steps, tokens=tokens, recompute_tokens=recompute_tokens,
+                recompute=not no_recompute, phases=tuple(only) if only else PHASES, low_ram=low_ram, warmup=not no_warmup, tiny=tiny,
+            ).validate()
+            hint = slow_blas_hint()
+            if hint:
+                typer.echo(hint, err=True)
+            result = run_bench(opts, log=lambda m: typer.echo(m, err=True))
+        except ShowoError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("\ninterrupted", err=True)
+            raise typer.Exit(130)
+        typer.echo(format_table(result))
+        if json_out:
+            Path(json_out).write_text(json.dumps(result, indent=2, default=str))
+            typer.echo(f"wrote {json_out}", err=True)
+        sys.stdout.flush()
+
+
+def main() -> None:
+    """`python -m showo_mlx.bench [options]`: the same command without the `showo` entry point."""
+    import typer
+
+    from .launcher import prepare_process
+
+    prepare_process()  # --openblas / SHOWO_OPENBLAS=1 on Linux
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    register(app)
+    app()
+
+
+if __name__ == "__main__":
+    main()
