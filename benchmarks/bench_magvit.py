@@ -19,6 +19,7 @@ the resident weights.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -85,7 +86,7 @@ def bench(args: argparse.Namespace) -> list[tuple]:
             codes = mx.random.randint(0, cfg.codebook_size, (args.batch, (size // f) ** 2), key=k2)
             mx.eval(pixels, codes)
             for part in args.parts:
-                fn = (lambda: model.encode(pixels)) if part == "encode" else (lambda: model.decode(codes))
+                fn = functools.partial(model.encode, pixels) if part == "encode" else functools.partial(model.decode, codes)
                 times, peak = timed(fn, args.repeats)
                 rows.append((dtype_name, size, part, min(times), statistics.mean(times), peak / GB, weights_gb))
                 print(f"  done: {dtype_name} {size}px {part}: {min(times):.2f} s", file=sys.stderr, flush=True)

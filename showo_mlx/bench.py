@@ -17,16 +17,18 @@ phase (`mx.reset_peak_memory` before it), resident weights included.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import platform
 import re
+import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,7 +41,7 @@ from .convert import DTYPES, QuantizeSpec, quantize_transformer
 from .errors import ShowoError
 from .layout import mmu_layout
 from .maskgit import GreedyRandomness, decode_image_tokens
-from .memory import GB, apply_low_ram, max_rss_bytes, peak_bytes, reset_peak, throttled
+from .memory import GB, apply_low_ram, magvit_throttle, max_rss_bytes, peak_bytes, reset_peak
 from .model import ShowoTransformer
 from .prompting import Prompting, SpecialIds
 from .t2i import CachedImageLogits, RecomputeImageLogits, UncondPrefixStore
@@ -310,8 +312,8 @@ def bench_t2i(c: Components, opts: BenchOptions, log) -> dict:
     out["cached"] = {"setup_s": setup, "step_s": float(np.mean(times)), "steps_s": times, "peak_bytes": peak_bytes()}
     del fn
     reset_peak()
-    with throttled(opts.low_ram):
-        out["decode_s"], _ = timed_call(lambda: vq.decode(mx.array(cached_codes)))
+    with magvit_throttle(opts.low_ram):
+        out["decode_s"], _ = timed_call(functools.partial(vq.decode, mx.array(cached_codes)))
     out["decode_peak_bytes"] = peak_bytes()
     out["generate_peak_bytes"] = max(out["cached"]["peak_bytes"], out["decode_peak_bytes"])
     out["cached"]["image_s"] = setup + out["default_steps"] * out["cached"]["step_s"] + out["decode_s"]
@@ -359,8 +361,8 @@ def bench_ask(c: Components, opts: BenchOptions, log) -> dict:
     log("ask: image encode")
     reset_peak()
     out: dict = {"tokens": t}
-    with throttled(opts.low_ram):
-        out["encode_s"], codes = timed_call(lambda: vq.encode(pixels))
+    with magvit_throttle(opts.low_ram):
+        out["encode_s"], codes = timed_call(functools.partial(vq.encode, pixels))
     out["encode_peak_bytes"] = peak_bytes()
     # The pipeline keeps its MAGVIT after encoding; with --low-ram it drops it (ask never decodes).
     keep = None if opts.low_ram else vq
@@ -420,12 +422,12 @@ def bench_magvit(c: Components, opts: BenchOptions, log) -> dict:
         mx.eval(vq.decode(vq.encode(pixels)))
     out: dict = {"resolution": grid * 16, "params": param_count(vq), "bytes": tree_bytes(vq)}
     reset_peak()
-    with throttled(opts.low_ram):
-        out["encode_s"], codes = timed_call(lambda: vq.encode(pixels))
+    with magvit_throttle(opts.low_ram):
+        out["encode_s"], codes = timed_call(functools.partial(vq.encode, pixels))
     out["encode_peak_bytes"] = peak_bytes()
     reset_peak()
-    with throttled(opts.low_ram):
-        out["decode_s"], _ = timed_call(lambda: vq.decode(codes))
+    with magvit_throttle(opts.low_ram):
+        out["decode_s"], _ = timed_call(functools.partial(vq.decode, codes))
     out["decode_peak_bytes"] = peak_bytes()
     return out
 
@@ -553,7 +555,7 @@ def format_table(r: dict) -> str:
     if "magvit" in r:
         head.append(f"MAGVIT-v2: {r['magvit']['params'] / 1e6:.1f} M params, {_gb(r['magvit']['bytes'])} in memory")
     if meta.get("low_ram"):
-        head.append(f"low RAM: cache limit {meta['low_ram']['cache_limit'] / 1e6:.0f} MB, MAGVIT throttled, "
+        head.append(f"low RAM: cache limit {meta['low_ram']['cache_limit'] / 1e6:.0f} MB, MAGVIT headroom 64 MB, "
                     "no encoder kept after encoding")
     loads = {k: v for k, v in meta.get("load_average", {}).items() if v is not None}
     if loads:
@@ -582,11 +584,12 @@ def format_sizes(rows: list[dict]) -> str:
 # -- the command -------------------------------------------------------------------------------------
 def register(app) -> None:
     """Add `showo bench` to a typer app."""
-    import sys
-
     import typer
 
+    from .cli_common import handle_errors
+
     @app.command()
+    @handle_errors(interrupted="interrupted")
     def bench(
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder or Hub id (default: random weights)."),
         random_size: int = typer.Option(256, "--random", help="Random-weight architecture: 256 or 512 px."),
@@ -608,27 +611,20 @@ def register(app) -> None:
         tiny: bool = typer.Option(False, "--tiny", hidden=True),
     ):
         """Speed and memory: cached vs reference recompute for t2i and ask, MAGVIT, model size."""
-        try:
-            if sizes:
-                typer.echo(format_sizes(size_table()))
-                return
-            from .launcher import slow_blas_hint
+        if sizes:
+            typer.echo(format_sizes(size_table()))
+            return
+        from .launcher import slow_blas_hint
 
-            opts = BenchOptions(
-                model=model, resolution=random_size, dtype=dtype, quantize=quantize, group_size=group_size,
-                head_bits=head_bits, vq_dtype=vq_dtype, steps=steps, tokens=tokens, recompute_tokens=recompute_tokens,
-                recompute=not no_recompute, phases=tuple(only) if only else PHASES, low_ram=low_ram, warmup=not no_warmup, tiny=tiny,
-            ).validate()
-            hint = slow_blas_hint()
-            if hint:
-                typer.echo(hint, err=True)
-            result = run_bench(opts, log=lambda m: typer.echo(m, err=True))
-        except ShowoError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
-        except KeyboardInterrupt:
-            typer.echo("\ninterrupted", err=True)
-            raise typer.Exit(130)
+        opts = BenchOptions(
+            model=model, resolution=random_size, dtype=dtype, quantize=quantize, group_size=group_size,
+            head_bits=head_bits, vq_dtype=vq_dtype, steps=steps, tokens=tokens, recompute_tokens=recompute_tokens,
+            recompute=not no_recompute, phases=tuple(only) if only else PHASES, low_ram=low_ram, warmup=not no_warmup, tiny=tiny,
+        ).validate()
+        hint = slow_blas_hint()
+        if hint:
+            typer.echo(hint, err=True)
+        result = run_bench(opts, log=lambda m: typer.echo(m, err=True))
         typer.echo(format_table(result))
         if json_out:
             Path(json_out).write_text(json.dumps(result, indent=2, default=str))
@@ -636,8 +632,9 @@ def register(app) -> None:
         sys.stdout.flush()
 
 
-def main() -> None:
-    """`python -m showo_mlx.bench [options]`: the same command without the `showo` entry point."""
+def main(preset: Sequence[str] = ()) -> None:
+    """`python -m showo_mlx.bench [options]`: the same command without the `showo` entry point.
+    The scripts in benchmarks/ pass a `preset` of options (e.g. `--only ask`) before the user's."""
     import typer
 
     from .launcher import prepare_process
@@ -645,7 +642,7 @@ def main() -> None:
     prepare_process()  # --openblas / SHOWO_OPENBLAS=1 on Linux
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     register(app)
-    app()
+    app(args=[*preset, *sys.argv[1:]])
 
 
 if __name__ == "__main__":

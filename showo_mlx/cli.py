@@ -109,10 +109,10 @@ class GenerationOptions:
         return dict(steps=s.steps, guidance=s.guidance, temperature=s.temperature, schedule=s.schedule, greedy=s.greedy)
 
 
-def load_pipeline(model: str, dtype: Optional[str], quantize: Optional[int]):
+def load_pipeline(model: str, dtype: Optional[str], quantize: Optional[int], low_ram: bool = False):
     from .pipeline import load
 
-    return load(model, dtype=dtype, quantize=quantize, log=lambda m: typer.echo(m, err=True))
+    return load(model, dtype=dtype, quantize=quantize, low_ram=low_ram, log=lambda m: typer.echo(m, err=True))
 
 
 def precheck(steps, guidance, temperature, schedule) -> None:
@@ -138,6 +138,7 @@ Seed = typer.Option(None, "--seed", "-s", help="Seed(s); one image per seed (rep
 Dtype = typer.Option(None, "--dtype", help="Compute dtype: float32, float16, bfloat16.")
 Quantize = typer.Option(None, "--quantize", "-q", help="Quantize the transformer at load time to BITS.")
 Force = typer.Option(False, "--force", help="Overwrite existing outputs.")
+LowRam = typer.Option(False, "--low-ram", help="Least memory: cap MLX's buffer cache, run MAGVIT with minimal headroom, free its encoder after use.")
 
 
 @app.command()
@@ -156,6 +157,7 @@ def generate(
     batch_size: int = typer.Option(4, "--batch-size", help="Images decoded together."),
     dtype: Optional[str] = Dtype,
     quantize: Optional[int] = Quantize,
+    low_ram: bool = LowRam,
     force: bool = Force,
 ):
     """Text to image."""
@@ -170,7 +172,7 @@ def generate(
     if output is None:
         output = "showo_{seed}.png" if len(prompts) == 1 else "showo_{i}_{seed}.png"
     paths = output_paths(output, [s for _, s in rows], force)
-    pipe = load_pipeline(model, dtype, quantize)
+    pipe = load_pipeline(model, dtype, quantize, low_ram)
     for p in pipe.truncated(prompts):
         typer.echo(f"note: prompt truncated to the model's 126-token limit: {p[:40]!r}…", err=True)
     settings = options.resolve(pipe, "generate")
@@ -197,6 +199,7 @@ def inpaint(
     output: str = typer.Option("inpaint_{seed}.png", "--output", "-o"),
     dtype: Optional[str] = Dtype,
     quantize: Optional[int] = Quantize,
+    low_ram: bool = LowRam,
     force: bool = Force,
 ):
     """Repaint the white part of MASK in IMAGE, guided by PROMPT."""
@@ -208,7 +211,7 @@ def inpaint(
     img, msk = load_image(image), load_mask(mask)  # bad files fail before the model loads
     seeds = _seed_list(parse_seeds(seed), num_images)
     paths = output_paths(output, seeds, force)
-    pipe = load_pipeline(model, dtype, quantize)
+    pipe = load_pipeline(model, dtype, quantize, low_ram)
     settings = options.resolve(pipe, "inpaint")
     with StepProgress(settings["steps"], "inpaint") as progress:
         results = pipe.inpaint(img, msk, prompt, seed=seeds, callback=progress, **settings)
@@ -233,6 +236,7 @@ def extend(
     output: str = typer.Option("extend_{seed}.png", "--output", "-o"),
     dtype: Optional[str] = Dtype,
     quantize: Optional[int] = Quantize,
+    low_ram: bool = LowRam,
     force: bool = Force,
 ):
     """Outpaint IMAGE step by step in the given directions."""
@@ -247,7 +251,7 @@ def extend(
     img = load_image(image)
     seeds = _seed_list(parse_seeds(seed), 1)
     paths = output_paths(output, seeds, force)
-    pipe = load_pipeline(model, dtype, quantize)
+    pipe = load_pipeline(model, dtype, quantize, low_ram)
     settings = options.resolve(pipe, "extend")
     results = []
     for sd in seeds:
@@ -280,13 +284,14 @@ def ask(
     seed: Optional[int] = typer.Option(None, "--seed"),
     dtype: Optional[str] = Dtype,
     quantize: Optional[int] = Quantize,
+    low_ram: bool = LowRam,
 ):
     """Answer QUESTION about IMAGE (streamed)."""
     from .images import load_image
 
     start = time.perf_counter()
     img = load_image(image)
-    pipe = load_pipeline(model, dtype, quantize)
+    pipe = load_pipeline(model, dtype, quantize, low_ram)
     _stream_out(pipe.stream_ask(img, question, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
     closing_line(start)
 
@@ -299,6 +304,7 @@ def caption(
     max_tokens: int = typer.Option(100, "--max-tokens"),
     dtype: Optional[str] = Dtype,
     quantize: Optional[int] = Quantize,
+    low_ram: bool = LowRam,
 ):
     """Describe IMAGE."""
     from .images import load_image
@@ -306,7 +312,7 @@ def caption(
 
     start = time.perf_counter()
     img = load_image(image)
-    pipe = load_pipeline(model, dtype, quantize)
+    pipe = load_pipeline(model, dtype, quantize, low_ram)
     _stream_out(pipe.stream_ask(img, CAPTION_QUESTION, max_tokens=max_tokens))
     closing_line(start)
 
@@ -323,10 +329,11 @@ def complete(
     seed: Optional[int] = typer.Option(None, "--seed"),
     dtype: Optional[str] = Dtype,
     quantize: Optional[int] = Quantize,
+    low_ram: bool = LowRam,
 ):
     """Continue TEXT (plain language modelling with the KV cache, streamed)."""
     start = time.perf_counter()
-    pipe = load_pipeline(model, dtype, quantize)
+    pipe = load_pipeline(model, dtype, quantize, low_ram)
     typer.echo(text, nl=False)
     _stream_out(pipe.stream_complete(text, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
     closing_line(start)
@@ -337,7 +344,7 @@ def complete(
 def convert(
     src: str = typer.Argument(..., help="Official checkpoint: Hub id or folder (pytorch_model.safetensors/.bin)."),
     dst: str = typer.Argument(..., help="Output folder."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default float32; float16 with --quantize)."),
     quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize the transformer's Linear layers."),
     q_bits: int = typer.Option(4, "--q-bits", help="Bits: 2, 3, 4, 5, 6 or 8."),
     q_group_size: int = typer.Option(64, "--q-group-size", help="Group size: 32, 64 or 128."),
@@ -352,7 +359,8 @@ def convert(
     from .convert import convert as run
 
     start = time.perf_counter()
-    check_dtype(dtype)
+    if dtype is not None:
+        check_dtype(dtype)
     spec = QuantizeSpec(q_bits, q_group_size, q_head_bits).validate() if quantize else None
     if not quantize and (q_head_bits is not None):
         raise ShowoError("--q-head-bits needs --quantize")
@@ -409,6 +417,9 @@ _register_subcommands()
 
 
 def main() -> None:
+    from .launcher import prepare_process
+
+    prepare_process()  # --openblas / SHOWO_OPENBLAS=1: re-exec with OpenBLAS preloaded (Linux)
     app()
 
 

@@ -210,7 +210,7 @@ def convert(
     src: str | Path,
     dst: str | Path,
     *,
-    dtype: str = "float32",
+    dtype: str | None = None,
     quantize: QuantizeSpec | None = None,
     vq: str | Path | None = None,
     vq_dtype: str | None = None,
@@ -218,9 +218,14 @@ def convert(
     force: bool = False,
     log=print,
 ) -> Path:
-    """Convert an official Show-o checkpoint (Hub id or folder) into a showo-mlx folder at `dst`."""
+    """Convert an official Show-o checkpoint (Hub id or folder) into a showo-mlx folder at `dst`.
+
+    `dtype` defaults to float32, and to float16 when quantizing: the scales, biases, LayerNorms and
+    any unquantized embedding/head are then stored in float16 (1.007 → 0.961 GB for the 4-bit,
+    group-128 model), the precision Apple silicon computes quantized matmuls in anyway."""
     from .magvit import MagvitV2
 
+    dtype = dtype or ("float16" if quantize is not None else "float32")
     target = check_dtype(dtype)
     if quantize is not None:
         quantize.validate()

@@ -8,16 +8,17 @@ The temporaries are the surprise. MLX allocates an operation's output when it di
 it dispatches ahead of the computation; it only waits for earlier work while the active memory is
 above the memory limit (default: most of the RAM). So one MAGVIT ResnetBlock at 256 px holds both
 convolutions' im2col buffers at once (measured: 1.07 GB for a block, 1.59 GB for the whole decoder,
-where 0.47 GB is the largest single convolution). `--low-ram` therefore:
+where 0.47 GB is the largest single convolution). Therefore:
 
-* runs MAGVIT encode/decode `throttled()`: the memory limit is set just above what is resident,
-  which makes the evaluator wait for finished work instead of allocating ahead (identical outputs;
-  extra peak 0.47 GB instead of 1.6 GB; ~5-10 % slower on CPU). The transformer is not throttled:
-  its temporaries are small (0.3-0.45 GB per 256 px step) and fully serial dispatch made a float32
-  step 2.2x slower on CPU;
-* caps the buffer cache (`apply_low_ram`), so freed buffers return to the system instead of
-  being kept for reuse;
-* lets the pipeline drop the MAGVIT encoder right after an image is encoded (`drop_encoder`).
+* MAGVIT encode/decode always run `magvit_throttle()`: the memory limit is set a little above what
+  is resident, which makes the evaluator wait for finished work instead of allocating ahead
+  (identical outputs). By default the headroom is 512 MB (extra peak 0.68 GB instead of 1.6 GB, at
+  the same speed on CPU); with `--low-ram` 64 MB (0.47 GB, ~5-15 % slower on CPU). The transformer
+  is not throttled: its temporaries are small (0.3-0.45 GB per 256 px step) and fully serial
+  dispatch made a float32 step 2.2x slower on CPU;
+* `--low-ram` also caps the buffer cache (`apply_low_ram`), so freed buffers return to the system
+  instead of being kept for reuse, and lets the pipeline drop the MAGVIT encoder right after an
+  image is encoded (`drop_encoder`).
 
 `mx.set_wired_limit` is deliberately left alone: it keeps a model wired in GPU memory on Apple
 silicon, the opposite of what a small machine needs, and does nothing on Linux.
@@ -34,7 +35,11 @@ from typing import Iterator
 import mlx.core as mx
 
 LOW_RAM_CACHE_BYTES = 64 << 20  # enough to recycle the small per-token buffers of text decoding
-THROTTLE_HEADROOM = 64 << 20  # measured: 0-128 MB give the same 0.47 GB MAGVIT peak, 256 MB 0.60 GB
+# Headroom above the resident arrays while MAGVIT runs. Measured at 256 px, float32 (extra peak,
+# time): 0-128 MB → 0.47 GB, +5-15 %; 256 MB → 0.60 GB; 512 MB → 0.68 GB, same time as unthrottled;
+# unthrottled → 1.6 GB.
+LOW_RAM_HEADROOM = 64 << 20
+DEFAULT_HEADROOM = 512 << 20
 GB = 1e9
 
 
@@ -51,7 +56,7 @@ def apply_low_ram(cache_limit: int = LOW_RAM_CACHE_BYTES) -> MemorySettings:
 
 
 @contextmanager
-def throttled(enabled: bool = True, headroom: int = THROTTLE_HEADROOM) -> Iterator[None]:
+def throttled(enabled: bool = True, headroom: int = LOW_RAM_HEADROOM) -> Iterator[None]:
     """Within the block, evaluation waits for finished work whenever active memory exceeds what is
     resident at entry plus `headroom`. Evaluate inside the block (lazy arrays returned unevaluated
     would be computed later, unthrottled). The memory limit is a guideline, not a cap: going above
@@ -64,6 +69,11 @@ def throttled(enabled: bool = True, headroom: int = THROTTLE_HEADROOM) -> Iterat
         yield
     finally:
         mx.set_memory_limit(previous)
+
+
+def magvit_throttle(low_ram: bool = False):
+    """The throttle MAGVIT encode/decode run under: 512 MB headroom, 64 MB with `--low-ram`."""
+    return throttled(True, LOW_RAM_HEADROOM if low_ram else DEFAULT_HEADROOM)
 
 
 def drop_encoder(vq):

@@ -33,6 +33,7 @@ from .images import load_image, load_mask, mask_tokens, preprocess_image, prepro
 from .layout import Layout
 from .loading import DEFAULT_MODEL, load_magvit, load_transformer, read_model_config, resolve_model
 from .maskgit import GreedyRandomness, KeyedRandomness, check_schedule, decode_image_tokens
+from .memory import apply_low_ram, drop_encoder, magvit_throttle
 from .prompting import Prompting
 from .t2i import CachedImageLogits, UncondPrefixStore
 
@@ -94,13 +95,15 @@ def load(
     dtype: str | None = None,
     quantize: int | QuantizeSpec | None = None,
     vq_dtype: str | None = None,
+    low_ram: bool = False,
     log: Callable[[str], None] = print,
 ) -> "Pipeline":
-    """Load a model (Hub id, official folder or converted folder) into a ready Pipeline."""
+    """Load a model (Hub id, official folder or converted folder) into a ready Pipeline.
+    `low_ram` trades a little MAGVIT speed for memory (see memory.py)."""
     if isinstance(quantize, int):
         quantize = QuantizeSpec(bits=quantize)
     folder = resolve_model(model, log=log)
-    return Pipeline(folder, dtype=dtype, quantize=quantize, vq_dtype=vq_dtype, name=str(model))
+    return Pipeline(folder, dtype=dtype, quantize=quantize, vq_dtype=vq_dtype, low_ram=low_ram, name=str(model))
 
 
 class Pipeline:
@@ -111,9 +114,13 @@ class Pipeline:
         dtype: str | None = None,
         quantize: QuantizeSpec | None = None,
         vq_dtype: str | None = None,
+        low_ram: bool = False,
         name: str | None = None,
     ):
         self.folder = Path(folder)
+        self.low_ram = low_ram
+        if low_ram:
+            apply_low_ram()
         self.name = name or str(folder)
         self.config = read_model_config(self.folder)
         self.model = load_transformer(self.folder, self.config, dtype=dtype, quantize=quantize)
@@ -180,11 +187,22 @@ class Pipeline:
     def encode_image(self, image: ImageLike) -> np.ndarray:
         """Image → (1, N) MAGVIT codes at the model's resolution (reference preprocessing)."""
         pixels = preprocess_image(self._pil(image), self.resolution)
-        return np.array(self.vq.encode(mx.array(pixels)))
+        with magvit_throttle(self.low_ram):  # evaluated inside: the throttle only acts on work done there
+            return np.array(self.vq.encode(mx.array(pixels)))
 
     def decode_codes(self, codes: np.ndarray, shape: tuple[int, int] | None = None) -> list[Image.Image]:
-        pixels = self.decoder.decode(mx.array(np.asarray(codes)), shape=shape)
-        return [Image.fromarray(a) for a in to_uint8(np.array(pixels))]
+        with magvit_throttle(self.low_ram):
+            pixels = np.array(self.decoder.decode(mx.array(np.asarray(codes)), shape=shape))
+        return [Image.fromarray(a) for a in to_uint8(pixels)]
+
+    def _release_encoder(self, keep_decoder: bool) -> None:
+        """Low-RAM mode: free the MAGVIT encoder once the input image is encoded (and the whole
+        MAGVIT when the task never decodes); it is reloaded from disk when needed again."""
+        if not self.low_ram or self._vq is None:
+            return
+        self._decoder = drop_encoder(self._vq) if keep_decoder else None
+        self._vq = None
+        mx.clear_cache()
 
     # -- MaskGIT core --------------------------------------------------------------------------
     def _decode_window(
@@ -271,6 +289,7 @@ class Pipeline:
         """Repaint the white part of `mask` (spec §6.6) guided by `prompt`."""
         s = self.settings("inpaint", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
         codes = self.encode_image(image)
+        self._release_encoder(keep_decoder=True)
         region = mask_tokens(preprocess_mask(self._pil(mask, mask=True), self.resolution), self.grid)
         if not region.any():
             raise ImageInputError("the mask selects no token to repaint (it must be white where to repaint)")
@@ -316,6 +335,7 @@ class Pipeline:
         seed = _seed_list(seed, 1)[0]
         unknown = -1  # marks not-yet-generated canvas cells (codes are >= 0)
         canvas = self.encode_image(image).reshape(1, w, w)
+        self._release_encoder(keep_decoder=True)
         stream = 0
         for prompt, d in zip(prompts, directions):
             canvas = grow_canvas(canvas, d, w // 2 + offset, unknown)
@@ -345,6 +365,7 @@ class Pipeline:
     ) -> Iterator[str]:
         """Answer a question about an image, yielding text as it is decoded (spec §4.4, §6.9)."""
         codes = self.encode_image(image)
+        self._release_encoder(keep_decoder=False)
         prompt = self.prompting.mmu_gen(self.prompting.image_ids(codes), question)
         yield from self._stream(prompt.ids, prompt.layouts, max_tokens, SamplingOptions(temperature, top_k, top_p, seed))
 

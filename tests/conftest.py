@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -54,3 +55,14 @@ def fx_model(pipe):
 @pytest.fixture(scope="session")
 def prompting(pipe):
     return pipe.prompting
+
+
+@pytest.fixture
+def restore_limits():
+    """Low-RAM mode changes process-wide MLX limits; put them back for the other tests."""
+    memory_limit = mx.get_memory_limit()
+    cache_limit = mx.set_cache_limit(memory_limit)
+    mx.set_cache_limit(cache_limit)
+    yield
+    mx.set_memory_limit(memory_limit)
+    mx.set_cache_limit(cache_limit)

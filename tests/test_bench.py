@@ -59,6 +59,18 @@ def test_bench_sizes_and_bad_options():
         assert r.exit_code == 2 and r.output.startswith("error:"), (args, r.output)
 
 
+@pytest.mark.parametrize("script,present,absent", [("bench_ask.py", "ask per token", "t2i step"),
+                                                    ("bench_t2i.py", "t2i step", "ask per token")])
+def test_benchmark_scripts_run_one_phase(script, present, absent):
+    import subprocess
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    r = subprocess.run([sys.executable, str(path), "--tiny", "--steps", "1", "--tokens", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert present in r.stdout and absent not in r.stdout and "MAGVIT encode" not in r.stdout
+
+
 def test_cached_and_recompute_paths_agree_in_one_run():
     r = bench.run_bench(bench.BenchOptions(tiny=True, steps=4, tokens=12, phases=("t2i", "ask")))
     assert r["t2i"]["codes_identical"], r["t2i"]["codes_differing"]
@@ -66,17 +78,6 @@ def test_cached_and_recompute_paths_agree_in_one_run():
     assert r["ask"]["recompute"]["positions"] == list(range(12))
     for part in ("cached", "recompute"):
         assert r["t2i"][part]["peak_bytes"] >= r["model"]["transformer_bytes"]
-
-
-@pytest.fixture
-def restore_limits():
-    """Low-RAM mode changes process-wide MLX limits; put them back for the other tests."""
-    memory_limit = mx.get_memory_limit()
-    cache_limit = mx.set_cache_limit(memory_limit)
-    mx.set_cache_limit(cache_limit)
-    yield
-    mx.set_memory_limit(memory_limit)
-    mx.set_cache_limit(cache_limit)
 
 
 def test_low_ram_run_agrees(restore_limits):

@@ -441,7 +441,7 @@ def test_atomic_write_bytes_and_file(tmp_path):
         assert path.read_bytes() == b"second"
         with pytest.raises(OutputExistsError):
             atomic_write_bytes(path, b"third", overwrite=False)
-        with atomic_output_dir(tmp_path / "dir") as tmp:
+        with atomic_output_dir(tmp_path / "dir"):
             pass
         assert (tmp_path / "dir").stat().st_mode & 0o777 == 0o755
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
@@ -45,6 +46,9 @@ def test_quantized_convert_from_the_cli(tmp_path):
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["quantization"]["bits"] == 4 and cfg["quantization"]["group_size"] == 32
     assert cfg["magvit_dtype"] == "float16"
+    assert cfg["dtype"] == "float16"  # quantized folders default to float16 scales and vectors
+    scales = [v for k, v in mx.load(str(dst / "model.safetensors")).items() if k.endswith(".scales")]
+    assert scales and all(v.dtype == mx.float16 for v in scales)
 
 
 @pytest.mark.parametrize(

@@ -163,6 +163,16 @@ def test_ask_prints_the_answer(run, cases):
     assert r.stdout == case["decoded_text"][0] + "\n"
 
 
+def test_low_ram_flag_changes_memory_use_not_outputs(run, tmp_path, cases, restore_limits):
+    args = ("extend", IMAGE, "a lake", "-d", "left", "--steps", "2", "-s", "0")
+    ok(run(*args, "-o", "plain.png"))
+    ok(run(*args, "--low-ram", "-o", "low.png"))
+    np.testing.assert_array_equal(pixels(tmp_path / "plain.png")[2], pixels(tmp_path / "low.png")[2])
+    case = cases["mmu_generate"][0]
+    r = ok(run("ask", IMAGES / case["image"], case["question"], "--max-tokens", "20", "--low-ram"))
+    assert r.stdout == case["decoded_text"][0] + "\n"
+
+
 def test_caption_and_complete(run, pipe):
     r = ok(run("caption", IMAGE, "--max-tokens", "8"))
     assert r.stdout == pipe.caption(IMAGE, max_tokens=8) + "\n"

@@ -121,7 +121,7 @@ def test_quantized_logits_error_and_round_trip(tmp_path, converted, bits, head_b
     reference = logits(load_transformer(converted))
     in_memory = load_transformer(converted, quantize=spec)  # quantized at load time
     dst = tmp_path / f"q{bits}"
-    convert(REF / "showo", dst, quantize=spec, **QUIET)
+    convert(REF / "showo", dst, dtype="float32", quantize=spec, **QUIET)  # as `converted`
     block = read_model_config(dst)["quantization"]
     assert block["bits"] == bits and block["group_size"] == 64
     reloaded = load_transformer(dst)
@@ -143,7 +143,7 @@ def test_quantized_files_shrink_as_expected(tmp_path, converted):
     sizes = {}
     for bits in (8, 4):
         dst = tmp_path / f"q{bits}"
-        convert(REF / "showo", dst, quantize=QuantizeSpec(bits=bits, head_bits=bits), **QUIET)
+        convert(REF / "showo", dst, dtype="float32", quantize=QuantizeSpec(bits=bits, head_bits=bits), **QUIET)
         payload = sum(v.nbytes for v in mx.load(str(dst / "model.safetensors")).values())
         # affine quantization: bits/8 bytes per weight + a float32 scale and bias per group of 64
         assert payload == matrices * bits // 8 + matrices // 64 * 8 + others

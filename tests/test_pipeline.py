@@ -528,3 +528,29 @@ def test_several_seeds_with_n_is_refused_not_duplicated(pipe):
 
     with pytest.raises(GenerationInputError, match="ambiguous"):
         pipe.generate("a cat", seed=[5, 6], n=2, steps=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# low-RAM mode
+# ------------------------------------------------------------------------------------------------
+
+
+def test_low_ram_pipeline_gives_the_reference_outputs_and_frees_magvit(converted, cases, maskgit_prompts, restore_limits):
+    """`--low-ram` changes when memory is freed, never what is computed: the recorded inpainting run
+    and greedy answer are reproduced; the encoder is gone after inpaint (decoder kept) and the whole
+    MAGVIT after ask, and both come back from disk for the next call."""
+    from showo_mlx import memory
+    from showo_mlx.pipeline import Pipeline
+
+    pipe = Pipeline(converted, low_ram=True)
+    assert mx.set_cache_limit(memory.LOW_RAM_CACHE_BYTES) == memory.LOW_RAM_CACHE_BYTES
+    meta = cases["maskgit"]["runs"]["inpaint_T8"]
+    for _ in range(2):  # the second round reloads what the first one freed
+        out = pipe.inpaint(IMAGES / "preprocess_in_0.png", IMAGES / "inpaint_mask.png", maskgit_prompts[0],
+                           greedy=True, guidance=1.75, steps=meta["timesteps"], seed=0)
+        np.testing.assert_array_equal(out[0].codes, MG["inpaint_T8.result"][0])
+        assert pipe._vq is None and pipe._decoder is not None and not pipe._decoder.has_encoder
+
+        case = cases["mmu_generate"][0]
+        assert pipe.ask(IMAGES / case["image"], case["question"], max_tokens=20) == case["decoded_text"][0]
+        assert pipe._vq is None and pipe._decoder is None
