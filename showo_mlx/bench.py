@@ -41,7 +41,7 @@ from .convert import DTYPES, QuantizeSpec, quantize_transformer
 from .errors import ShowoError
 from .layout import mmu_layout
 from .maskgit import GreedyRandomness, decode_image_tokens
-from .memory import GB, apply_low_ram, magvit_throttle, max_rss_bytes, peak_bytes, reset_peak
+from .memory import GB, LOW_RAM_HEADROOM, apply_low_ram, magvit_throttle, max_rss_bytes, peak_bytes, reset_peak
 from .model import ShowoTransformer
 from .prompting import Prompting, SpecialIds
 from .t2i import CachedImageLogits, RecomputeImageLogits, UncondPrefixStore
@@ -555,7 +555,8 @@ def format_table(r: dict) -> str:
     if "magvit" in r:
         head.append(f"MAGVIT-v2: {r['magvit']['params'] / 1e6:.1f} M params, {_gb(r['magvit']['bytes'])} in memory")
     if meta.get("low_ram"):
-        head.append(f"low RAM: cache limit {meta['low_ram']['cache_limit'] / 1e6:.0f} MB, MAGVIT headroom 64 MB, "
+        head.append(f"low RAM: cache limit {meta['low_ram']['cache_limit'] / 1e6:.0f} MB, "
+                    f"MAGVIT headroom {LOW_RAM_HEADROOM >> 20} MB, "
                     "no encoder kept after encoding")
     loads = {k: v for k, v in meta.get("load_average", {}).items() if v is not None}
     if loads:
