@@ -1,4 +1,4 @@
-"""The project's copy of the reference fixtures is complete, unmodified, and current."""
+"""The project's copies of the reference fixtures are complete, unmodified, and current."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import json
 
 import pytest
 
-from conftest import REF, TESTS
+from conftest import TESTS
 
-SHARED = TESTS.parent.parent / "shared" / "fixtures" / "reference"
+FIXTURES = TESTS / "fixtures"
+# The fixtures' upstream copy, when the project is checked out beside it (development machines).
+UPSTREAM = TESTS.parent.parent / "shared" / "fixtures"
+FOLDERS = ["reference", "reference-clip"]
 
 
 def sha256(path) -> str:
@@ -24,23 +27,30 @@ def manifest(folder) -> dict:
     return json.loads((folder / "manifest.json").read_text())["files"]
 
 
-def test_every_file_matches_the_manifest():
-    files = manifest(REF)
-    assert len(files) >= 20
-    for name, entry in files.items():
-        path = REF / name
-        assert path.is_file(), f"{name} missing from tests/fixtures/reference"
-        assert path.stat().st_size == entry["bytes"], name
-        assert sha256(path) == entry["sha256"], f"{name} differs from the manifest"
+@pytest.mark.parametrize("name", FOLDERS)
+def test_every_file_matches_the_manifest(name):
+    folder = FIXTURES / name
+    files = manifest(folder)
+    assert len(files) >= 10
+    for rel, entry in files.items():
+        path = folder / rel
+        assert path.is_file(), f"{rel} missing from tests/fixtures/{name}"
+        assert path.stat().st_size == entry["bytes"], rel
+        assert sha256(path) == entry["sha256"], f"{rel} differs from the manifest"
 
 
-def test_no_unlisted_files():
-    listed = set(manifest(REF)) | {"manifest.json"}
-    present = {str(p.relative_to(REF)) for p in REF.rglob("*") if p.is_file()}
+@pytest.mark.parametrize("name", FOLDERS)
+def test_no_unlisted_files(name):
+    folder = FIXTURES / name
+    listed = set(manifest(folder)) | {"manifest.json"}
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
     assert present == listed
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="../shared is not beside this checkout")
-def test_copy_is_current_with_shared():
-    # When ../shared's fixtures change, refresh the copy: cp -r ../shared/fixtures/reference tests/fixtures/
-    assert manifest(REF) == manifest(SHARED)
+@pytest.mark.parametrize("name", FOLDERS)
+def test_copy_is_current_with_upstream(name):
+    upstream = UPSTREAM / name
+    if not upstream.exists():
+        pytest.skip("the fixtures' upstream copy is not beside this checkout (only on development machines)")
+    # When the upstream fixtures change, refresh the copy: cp -r <upstream>/<name> tests/fixtures/
+    assert manifest(FIXTURES / name) == manifest(upstream)
