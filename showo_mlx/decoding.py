@@ -16,6 +16,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import make_sampler
 
 from .errors import GenerationInputError
+from .limits import check_number, check_seed, is_integer
 from .model import ShowoTransformer
 
 
@@ -27,12 +28,16 @@ class SamplingOptions:
     seed: int | None = None
 
     def validate(self) -> "SamplingOptions":
-        if self.temperature < 0:
-            raise GenerationInputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise GenerationInputError(f"top-k must be >= 0, got {self.top_k}")
-        if not 0 <= self.top_p <= 1:
-            raise GenerationInputError(f"top-p must be in [0, 1], got {self.top_p}")
+        """Refuse what would decode garbage silently: NaN/inf temperature (every logit becomes NaN
+        and the first sampled id is an end token: an empty answer), non-integer top-k, a seed
+        outside [0, 2**63). Values are normalised to plain Python numbers for mlx-lm's samplers."""
+        self.temperature = check_number(self.temperature, "temperature")
+        if not is_integer(self.top_k) or self.top_k < 0:
+            raise GenerationInputError(f"top-k must be an integer >= 0, got {self.top_k!r}")
+        self.top_k = int(self.top_k)
+        self.top_p = check_number(self.top_p, "top-p", 0.0, 1.0)
+        if self.seed is not None:
+            self.seed = check_seed(self.seed)
         return self
 
     def sampler(self) -> Callable[[mx.array], mx.array]:
@@ -54,8 +59,10 @@ def generate_tokens(
     token t is read back to Python, so building the graph overlaps the computation instead of
     waiting for it. The price is one token computed and discarded after a stop token."""
     options = (options or SamplingOptions()).validate()
-    if max_tokens < 1:
-        raise GenerationInputError(f"max tokens must be >= 1, got {max_tokens}")
+    if not is_integer(max_tokens) or max_tokens < 1:
+        raise GenerationInputError(f"max tokens must be an integer >= 1, got {max_tokens!r}")
+    if options.top_k >= model.config.vocab_size:  # keeping every token = no top-k (mlx-lm refuses k >= vocab)
+        options.top_k = 0
     if options.seed is not None:
         mx.random.seed(options.seed)
     sampler = options.sampler()
@@ -73,7 +80,7 @@ def generate_tokens(
             mx.async_eval(next_y)
         token = int(y.item())
         yield token
-        if token in stop:
+        if token in stop or n + 1 == max_tokens:  # no next token was queued after the last one
             return
         y = next_y
 

@@ -9,6 +9,11 @@ Conventions:
   * Transparency: like the official scripts (``Image.open(p).convert("RGB")``) the alpha channel is
     **dropped** by default, so results match the reference bit for bit; ``alpha="white"`` composites
     on white instead.
+  * Size: a file over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` x 2, 179 M
+    pixels by default) is refused before decoding; between the limit and twice it the image is
+    decoded with a note (Pillow's multi-line warning is not shown). A very elongated image is
+    resized only inside the centre crop (:func:`resize_and_crop`), so a 1x50000 strip costs no more
+    than a square.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import math
 import os
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,6 +35,7 @@ __all__ = [
     "NOTES_KEY",
     "load_image",
     "load_mask",
+    "fit_mask",
     "normalize_mode",
     "resize_and_crop",
     "preprocess_image",
@@ -54,22 +61,50 @@ _ALPHA_MODES = {"RGBA", "LA", "RGBa", "La", "PA"}
 
 def _reduce_high_bit_depth(im: Image.Image, notes: list[str]) -> Image.Image:
     """16-bit / 32-bit / float greyscale -> 8-bit "L". Pillow's own conversion clips at 255 instead
-    of rescaling, which would turn almost every 16-bit image white."""
+    of rescaling, which would turn almost every 16-bit image white.
+
+    * 16-bit (``I;16*``, or ``I`` with values in [0, 65535] above 255): ``round(v * 255 / 65535)``.
+    * ``I`` with values in [0, 255]: kept. Float in [0, 1]: ``round(v * 255)``; in [0, 255]: rounded.
+    * Anything else (32-bit integers beyond 16 bits or negative, floats beyond [0, 255]): scaled
+      from the image's own value range [min, max] to [0, 255], as image viewers show such data.
+      NaN pixels become black, +inf white, -inf black (counted in the note)."""
     a = np.asarray(im)
-    if im.mode == "F":
-        a = a.astype(np.float64)
-        scale = 255.0 if np.nanmax(a) <= 1.0 else 1.0
-        out = np.clip(np.nan_to_num(a) * scale, 0, 255) + 0.5
-        notes.append(f"float image scaled from [0, {255.0 / scale:g}] to 8 bits")
+    if im.mode.startswith("I;16"):
+        out = (a.astype(np.uint32) * 255 + 32767) // 65535  # exact: max 16,744,192 fits 32 bits
+        notes.append(f"{im.mode} image reduced from 16 to 8 bits per channel")
+        return Image.fromarray(out.astype(np.uint8), mode="L")
+    kind = "float" if im.mode == "F" else "32-bit integer"
+    finite = np.isfinite(a) if im.mode == "F" else None
+    values = a[finite] if finite is not None and not finite.all() else a
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    bad = 0 if finite is None else int(a.size - np.count_nonzero(finite))
+    if im.mode == "I" and 0 <= lo and hi <= 255:
+        out = a.astype(np.uint8)
+    elif im.mode == "I" and 0 <= lo and hi <= 65535:
+        out = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        notes.append("I image with values in [0, 65535] treated as 16-bit and reduced to 8 bits")
     else:
-        a = a.astype(np.int64)
-        is16 = im.mode.startswith("I;16") or a.max() > 255
-        if is16:
-            out = (np.clip(a, 0, 65535) * 255 + 32767) // 65535
-            notes.append(f"{im.mode} image reduced from 16 to 8 bits per channel")
-        else:
-            out = np.clip(a, 0, 255)
-    return Image.fromarray(out.astype(np.uint8), mode="L")
+        if im.mode == "F" and 0 <= lo and hi <= 1.0:
+            low, scale, what = 0.0, 255.0, "scaled from [0, 1] to 8 bits"
+        elif im.mode == "F" and 0 <= lo and hi <= 255.0:
+            low, scale, what = 0.0, 1.0, "with values in [0, 255] rounded to 8 bits"
+        elif hi > lo:
+            low, scale, what = lo, 255.0 / (hi - lo), f"scaled from its value range [{lo:g}, {hi:g}] to 8 bits"
+        else:  # a single value outside [0, 255]: black below, white above
+            low, scale, what = 0.0, 1.0, f"with the single value {lo:g} clipped to 8 bits"
+        x = a.astype(np.float32)  # in place from here: 4 bytes per pixel however large the image
+        if bad:
+            np.nan_to_num(x, copy=False, nan=low, posinf=np.inf, neginf=-np.inf)
+        x -= np.float32(low)
+        x *= np.float32(scale)
+        x += np.float32(0.5)
+        np.clip(x, 0, 255, out=x)
+        out = x.astype(np.uint8)
+        note = f"{kind} image {what}"
+        if bad:
+            note += f"; {bad} NaN/infinite pixels (NaN and -inf as black, +inf as white)"
+        notes.append(note)
+    return Image.fromarray(out, mode="L")
 
 
 def normalize_mode(image: Image.Image, mode: str = "RGB", alpha: str = "drop") -> Image.Image:
@@ -110,8 +145,12 @@ def normalize_mode(image: Image.Image, mode: str = "RGB", alpha: str = "drop") -
     return im
 
 
-def _open(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode ``path``; every failure becomes a one-line ImageInputError."""
+def _open(path: str | os.PathLike, notes: list[str] | None = None) -> Image.Image:
+    """Open and fully decode ``path``; every failure becomes a one-line ImageInputError.
+
+    The size is known from the header before anything is decoded: over twice
+    ``PIL.Image.MAX_IMAGE_PIXELS`` Pillow refuses (an error naming the limit here); between the
+    limit and twice it Pillow only warns, and that multi-line warning becomes one note."""
     p = Path(path)
     if not p.exists():
         raise ImageInputError(f"{p}: no such file")
@@ -120,14 +159,25 @@ def _open(path: str | os.PathLike) -> Image.Image:
     try:
         if p.stat().st_size == 0:
             raise ImageInputError(f"{p} is empty (0 bytes); not an image")
-        im = Image.open(p)
-        im.load()  # decode now: truncated data only shows up here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p)  # reads the header only
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.width * im.height > limit and notes is not None:
+                notes.append(
+                    f"large image: {im.width}x{im.height} = {im.width * im.height:,} pixels, over Pillow's "
+                    f"{limit:,}-pixel decompression-bomb warning limit (decoded anyway; the hard limit is {2 * limit:,})"
+                )
+            im.load()  # decode now: truncated data only shows up here
     except ImageInputError:
         raise
     except UnidentifiedImageError:
         raise ImageInputError(f"{p} is not an image file Pillow can read") from None
     except Image.DecompressionBombError as e:
-        raise ImageInputError(f"{p} is too large to decode safely ({_one_line(e)})") from None
+        raise ImageInputError(
+            f"{p} is too large to decode safely ({_one_line(e).removesuffix(' could be decompression bomb DOS attack.').rstrip(',')}); "
+            "downscale it first (the limit is twice PIL.Image.MAX_IMAGE_PIXELS)"
+        ) from None
     except PermissionError:
         raise ImageInputError(f"{p}: permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -163,8 +213,8 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", alpha: str = "drop") 
     Applies the EXIF orientation, expands palettes, reduces 16-bit to 8-bit, and handles alpha per
     ``alpha`` ("drop": keep the colour channels, as the reference; "white": composite on white).
     Raises :class:`ImageInputError` (one line) for a missing, empty, non-image or truncated file."""
-    im = _open(path)
     notes: list[str] = []
+    im = _open(path, notes)
     im = _apply_exif_orientation(im, notes)
     im.info[NOTES_KEY] = notes
     im = normalize_mode(im, mode, alpha)
@@ -179,6 +229,23 @@ def load_mask(path: str | os.PathLike) -> Image.Image:
     return load_image(path, mode="L", alpha="drop")
 
 
+def fit_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The mask at the image's ``size`` (width, height), resized with nearest neighbour (a binary
+    mask stays binary) and noted when it had another size.
+
+    The reference preprocesses image and mask independently (resize + centre crop each): a mask of
+    another aspect ratio is then cropped differently from the image and repaints somewhere else.
+    Bringing it to the image's size first makes both crops the same; a mask of the image's size is
+    returned unchanged, so the reference's result is kept exactly."""
+    if mask.size == tuple(size):
+        return mask
+    notes = list(mask.info.get(NOTES_KEY, []))
+    out = mask.resize(tuple(size), Image.NEAREST)
+    notes.append(f"mask {mask.width}x{mask.height} resized to the image's {size[0]}x{size[1]} (nearest neighbour)")
+    out.info[NOTES_KEY] = notes
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Preprocessing (training/utils.py image_transform)
 # --------------------------------------------------------------------------------------------------
@@ -191,31 +258,55 @@ def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return (resolution, new_long) if width <= height else (new_long, resolution)
 
 
-def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
+# Pillow's full resize of the short side to R allocates the whole resized image: past this many
+# pixels (64 MiB of RGB; a 64:1 image at R = 512, 256:1 at R = 256) only the crop is resized.
+FULL_RESIZE_MAX_PIXELS = 2**24
+
+
+def resize_and_crop(image: Image.Image, resolution: int, notes: list[str] | None = None) -> Image.Image:
     """PIL bicubic resize of the short side to ``resolution`` (antialiased, as PIL always is), then
-    torchvision's centre crop (offsets rounded half-to-even by Python's ``round``)."""
+    torchvision's centre crop (offsets rounded half-to-even by Python's ``round``).
+
+    A very elongated image (resized size over ``FULL_RESIZE_MAX_PIXELS``) is not resized whole — a
+    1x50000 strip would become 128x6400000, 3.3 GB — but only inside the crop's box (Pillow's
+    ``resize(box=...)``), with a note: the same filter over the same source pixels, though not
+    bit-identical to the full resize (Pillow's box is float32 and its passes may run in another
+    order)."""
     if image.width == 0 or image.height == 0:
         raise ImageInputError(f"image has zero size ({image.width}x{image.height})")
     size = _resized_size(image.width, image.height, resolution)
-    if size != image.size:  # torchvision returns the image untouched when the size already matches
-        image = image.resize(size, Image.BICUBIC)
-    top = int(round((image.height - resolution) / 2.0))
-    left = int(round((image.width - resolution) / 2.0))
-    return image.crop((left, top, left + resolution, top + resolution))
+    top = int(round((size[1] - resolution) / 2.0))
+    left = int(round((size[0] - resolution) / 2.0))
+    crop = (left, top, left + resolution, top + resolution)
+    if size == image.size:  # torchvision returns the image untouched when the size already matches
+        return image.crop(crop)
+    if size[0] * size[1] <= FULL_RESIZE_MAX_PIXELS:
+        return image.resize(size, Image.BICUBIC).crop(crop)
+    sx, sy = image.width / size[0], image.height / size[1]
+    box = (crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy)
+    if notes is not None:
+        notes.append(
+            f"very elongated image ({image.width}x{image.height}): only its centre square was resized "
+            f"(the full {size[0]}x{size[1]} resize is skipped; pixels may differ slightly from the reference's)"
+        )
+    return image.resize((resolution, resolution), Image.BICUBIC, box=box)
 
 
-def preprocess_image(image: Image.Image | np.ndarray, resolution: int, normalize: bool = True) -> np.ndarray:
+def preprocess_image(
+    image: Image.Image | np.ndarray, resolution: int, normalize: bool = True, notes: list[str] | None = None
+) -> np.ndarray:
     """The reference ``image_transform``: resize + centre crop, ``/255`` and (if ``normalize``)
     ``(x - 0.5) / 0.5``. Returns ``(1, R, R, C)`` float32 (NHWC; C = 3 for RGB, 1 for L).
 
-    ``image`` is a PIL image in "RGB" or "L" (see :func:`load_image`) or a uint8 HxW[xC] array."""
+    ``image`` is a PIL image in "RGB" or "L" (see :func:`load_image`) or a uint8 HxW[xC] array.
+    What had to be done differently from the reference is appended to ``notes``."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ImageInputError(f"array images must be uint8, got {image.dtype}")
         image = Image.fromarray(image)
     if image.mode not in ("RGB", "L"):
         image = normalize_mode(image, "RGB")
-    x = np.asarray(resize_and_crop(image, resolution), dtype=np.uint8)
+    x = np.asarray(resize_and_crop(image, resolution, notes), dtype=np.uint8)
     if x.ndim == 2:
         x = x[..., None]
     # float32 throughout, same operation order as ToTensor + Normalize: bit-identical to torch.
@@ -225,11 +316,11 @@ def preprocess_image(image: Image.Image | np.ndarray, resolution: int, normalize
     return x[None]
 
 
-def preprocess_mask(mask: Image.Image, resolution: int) -> np.ndarray:
+def preprocess_mask(mask: Image.Image, resolution: int, notes: list[str] | None = None) -> np.ndarray:
     """Inpainting mask -> ``(1, R, R, 1)`` float32 in [0, 1] (``image_transform(normalize=False)``)."""
     if mask.mode != "L":
         mask = normalize_mode(mask, "L")
-    return preprocess_image(mask, resolution, normalize=False)
+    return preprocess_image(mask, resolution, normalize=False, notes=notes)
 
 
 # --------------------------------------------------------------------------------------------------

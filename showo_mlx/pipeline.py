@@ -13,11 +13,12 @@ prefixes (t2i.py); answers decode with a KV cache (decoding.py).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -29,8 +30,9 @@ from .config import MagvitConfig, ShowoConfig
 from .convert import QuantizeSpec
 from .decoding import IncrementalText, SamplingOptions, generate_tokens
 from .errors import GenerationInputError, ImageInputError
-from .images import load_image, load_mask, mask_tokens, preprocess_image, preprocess_mask, to_uint8
+from .images import NOTES_KEY, fit_mask, load_image, load_mask, mask_tokens, normalize_mode, preprocess_image, preprocess_mask, to_uint8
 from .layout import Layout
+from .limits import MAX_CANVAS_WINDOWS, MAX_IMAGES, MAX_STEPS, LONG_HINT, check_count, check_number, check_seed, check_text, is_integer
 from .loading import DEFAULT_MODEL, load_magvit, load_transformer, read_model_config, resolve_model
 from .maskgit import GreedyRandomness, KeyedRandomness, check_schedule, decode_image_tokens
 from .memory import apply_low_ram, drop_encoder, magvit_throttle
@@ -40,6 +42,7 @@ from .t2i import CachedImageLogits, UncondPrefixStore
 DIRECTIONS = ("left", "right", "up", "down")
 CAPTION_QUESTION = "Please describe this image in detail."
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,13 +53,12 @@ class GenerationSettings:
     schedule: str = "cosine"
     greedy: bool = False
 
-    def validate(self) -> "GenerationSettings":
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise GenerationInputError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not np.isfinite(self.guidance) or self.guidance < 0:
-            raise GenerationInputError(f"guidance must be >= 0, got {self.guidance}")
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise GenerationInputError(f"temperature must be >= 0, got {self.temperature}")
+    def validate(self, allow_long: bool = False) -> "GenerationSettings":
+        """Steps in [1, 1000] (more only with `allow_long`: the command line's --force), finite
+        guidance and temperature >= 0, a known schedule."""
+        self.steps = check_count(self.steps, "steps", MAX_STEPS, allow_long)
+        check_number(self.guidance, "guidance")
+        check_number(self.temperature, "temperature")
         check_schedule(self.schedule)
         return self
 
@@ -131,6 +133,9 @@ class Pipeline:
         self._vq = None  # the full tokenizer, loaded when an image must be encoded
         self._decoder = None  # decoder-only, enough for text-to-image
         self._uncond = UncondPrefixStore()
+        # What the last task call changed about its inputs ("mask resized to the image", "max
+        # tokens lowered", ...); each note is also logged at INFO on this module's logger.
+        self.notes: list[str] = []
 
     # -- parts -------------------------------------------------------------------------------
     @property
@@ -165,28 +170,42 @@ class Pipeline:
             return GenerationSettings(steps=50, guidance=5.0)
         return GenerationSettings(steps=18 if task == "generate" else 16, guidance=1.75)
 
-    def settings(self, task: str, **overrides) -> GenerationSettings:
+    def settings(self, task: str, *, allow_long: bool = False, **overrides) -> GenerationSettings:
         s = self.defaults(task)
         for key, value in overrides.items():
             if value is not None:
                 setattr(s, key, value)
-        return s.validate()
+        return s.validate(allow_long)
+
+    def _note(self, message: str) -> None:
+        self.notes.append(message)
+        log.info("%s", message)
 
     # -- images in ---------------------------------------------------------------------------
     def _pil(self, image: ImageLike, mask: bool = False) -> Image.Image:
         if isinstance(image, (str, os.PathLike)):
-            return load_mask(image) if mask else load_image(image)
+            im = load_mask(image) if mask else load_image(image)  # logs its notes itself
+            self.notes.extend(im.info.get(NOTES_KEY, []))
+            return im
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8:
                 raise ImageInputError(f"array images must be uint8 (H, W[, C]), got {image.dtype}")
             image = Image.fromarray(image)
         if not isinstance(image, Image.Image):
             raise ImageInputError(f"expected a path, PIL image or uint8 array, got {type(image).__name__}")
-        return image.convert("L" if mask else "RGB")
+        # normalize_mode, not convert: convert clips 16/32-bit and float pixels (see images.py)
+        seen = len(image.info.get(NOTES_KEY, []))
+        im = normalize_mode(image, "L" if mask else "RGB")
+        for note in im.info[NOTES_KEY][seen:]:
+            self._note(note)
+        return im
 
     def encode_image(self, image: ImageLike) -> np.ndarray:
         """Image → (1, N) MAGVIT codes at the model's resolution (reference preprocessing)."""
-        pixels = preprocess_image(self._pil(image), self.resolution)
+        notes: list[str] = []
+        pixels = preprocess_image(self._pil(image), self.resolution, notes=notes)
+        for note in notes:
+            self._note(note)
         with magvit_throttle(self.low_ram):  # evaluated inside: the throttle only acts on work done there
             return np.array(self.vq.encode(mx.array(pixels)))
 
@@ -231,13 +250,15 @@ class Pipeline:
         )
         return np.array(codes)
 
-    def _rows(self, prompts: str | Sequence[str], seed, n: int) -> list[tuple[str, int]]:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    def _rows(self, prompts: str | Sequence[str], seed, n: int, allow_long: bool = False) -> list[tuple[str, int]]:
+        prompts = _prompt_list(prompts)
         if not prompts:
             raise GenerationInputError("no prompt given; pass at least one (an empty string is the unconditional prompt)")
-        if n < 1:
-            raise GenerationInputError(f"number of images must be >= 1, got {n}")
+        check_count(n, "number of images", MAX_IMAGES, allow_long)
         seeds = _seed_list(seed, n)
+        check_count(len(prompts) * len(seeds), "number of images (prompts x seeds)", MAX_IMAGES, allow_long)
+        for p in self.truncated(prompts):
+            self._note(f"prompt truncated to the model's {self.prompting.max_text_len - 3} text tokens (as the reference does): {p[:40]!r}...")
         return [(p, sd) for p in prompts for sd in seeds]
 
     def truncated(self, prompts: Sequence[str]) -> list[str]:
@@ -257,11 +278,15 @@ class Pipeline:
         greedy: bool = False,
         batch_size: int = 4,
         callback=None,
+        allow_long: bool = False,
     ) -> list[GeneratedImage]:
         """Text-to-image. Each prompt gets one image per seed; with one seed s and n > 1 the seeds
-        are s, s+1, …, s+n-1, so any image can be reproduced alone from its metadata."""
-        s = self.settings("generate", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
-        rows = self._rows(prompts, seed, n)
+        are s, s+1, …, s+n-1, so any image can be reproduced alone from its metadata.
+        More than 1000 steps or 1000 images need `allow_long=True`."""
+        self.notes = []
+        s = self.settings("generate", allow_long=allow_long, steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+        rows = self._rows(prompts, seed, n, allow_long)
+        check_count(batch_size, "batch size")
         out: list[GeneratedImage] = []
         mask_row = np.full(self.cfg.num_vq_tokens, self.cfg.mask_token_id, dtype=np.int64)
         for chunk in _chunks(rows, batch_size):
@@ -285,22 +310,45 @@ class Pipeline:
         schedule: str | None = None,
         greedy: bool = False,
         callback=None,
+        allow_long: bool = False,
     ) -> list[GeneratedImage]:
-        """Repaint the white part of `mask` (spec §6.6) guided by `prompt`."""
-        s = self.settings("inpaint", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+        """Repaint the white part of `mask` guided by `prompt` (the reference's inpainting,
+        `inference_t2i.py`). A mask of another size than the image is first resized to the image
+        (nearest neighbour, with a note), so the region repainted is the one painted."""
+        self.notes = []
+        s = self.settings("inpaint", allow_long=allow_long, steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+        rows = self._rows(prompt, seed, n, allow_long)
+        image = self._pil(image)  # decoded once, used for the mask's size and the encoding
+        region = self.mask_region(image, mask)
         codes = self.encode_image(image)
         self._release_encoder(keep_decoder=True)
-        region = mask_tokens(preprocess_mask(self._pil(mask, mask=True), self.resolution), self.grid)
-        if not region.any():
-            raise ImageInputError("the mask selects no token to repaint (it must be white where to repaint)")
         tokens = np.where(region, self.cfg.mask_token_id, self.prompting.image_ids(codes))
-        rows = self._rows(prompt, seed, n)
         init = np.repeat(tokens, len(rows), axis=0)
         out_codes = self._decode_window([p for p, _ in rows], init, [sd for _, sd in rows], s, callback)
         return [
             GeneratedImage(img, p, sd, s, c, task="inpaint", extra={"repainted_tokens": int(region.sum())})
             for (p, sd), img, c in zip(rows, self.decode_codes(out_codes), out_codes)
         ]
+
+    def mask_region(self, image: ImageLike, mask: ImageLike) -> np.ndarray:
+        """(1, N) bool, True = token to repaint: the mask is brought to the image's size (nearest
+        neighbour keeps a binary mask binary), then preprocessed exactly as the reference does
+        (resize + centre crop, bicubic down to the token grid, >= 0.5). The reference preprocesses
+        image and mask independently, so a mask of another aspect ratio would be cropped
+        differently from the image and repaint somewhere else."""
+        size = self._pil(image).size
+        mask_image = self._pil(mask, mask=True)
+        seen = len(mask_image.info[NOTES_KEY])
+        fitted = fit_mask(mask_image, size)
+        for note in fitted.info[NOTES_KEY][seen:]:
+            self._note(note)
+        notes: list[str] = []
+        region = mask_tokens(preprocess_mask(fitted, self.resolution, notes), self.grid)
+        for note in notes:
+            self._note(f"mask: {note}")
+        if not region.any():
+            raise ImageInputError("the mask selects no token to repaint (it must be white where to repaint)")
+        return region
 
     def extrapolate(
         self,
@@ -316,22 +364,33 @@ class Pipeline:
         schedule: str | None = None,
         greedy: bool = False,
         callback=None,
+        allow_long: bool = False,
     ) -> list[GeneratedImage]:
         """Outpaint step by step (spec §6.7): each direction adds half a window (plus `offset`)
-        of new tokens on that side. "down" works (the reference crashes on it)."""
-        s = self.settings("extend", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
-        directions = [d.lower() for d in directions]
+        of new tokens on that side. "down" works (the reference crashes on it). The final canvas
+        may cover at most 16 windows unless `allow_long=True`."""
+        self.notes = []
+        s = self.settings("extend", allow_long=allow_long, steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+        directions = [str(d).lower() for d in directions] if not isinstance(directions, str) else [directions.lower()]
         bad = [d for d in directions if d not in DIRECTIONS]
         if bad or not directions:
             raise GenerationInputError(f"unknown direction {bad[0] if bad else '(none)'}; choose from {', '.join(DIRECTIONS)}")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = _prompt_list(prompts)
         if len(prompts) == 1:
             prompts = prompts * len(directions)
         if len(prompts) != len(directions):
             raise GenerationInputError(f"{len(prompts)} prompts for {len(directions)} directions; give one prompt or one per direction")
         w = self.grid[0]
-        if not 0 <= offset < w // 2:
-            raise GenerationInputError(f"offset must be in [0, {w // 2 - 1}], got {offset}")
+        if not is_integer(offset) or not 0 <= offset < w // 2:
+            raise GenerationInputError(f"offset must be an integer in [0, {w // 2 - 1}], got {offset!r}")
+        h_end, w_end = extended_canvas_shape((w, w), directions, w // 2 + offset)
+        if h_end * w_end > MAX_CANVAS_WINDOWS * w * w and not allow_long:
+            raise GenerationInputError(
+                f"{len(directions)} extension steps make a {h_end}x{w_end}-token canvas, over the limit of "
+                f"{MAX_CANVAS_WINDOWS} model windows ({MAX_CANVAS_WINDOWS * w * w} tokens); {LONG_HINT}"
+            )
+        for p in self.truncated(prompts):
+            self._note(f"prompt truncated to the model's {self.prompting.max_text_len - 3} text tokens (as the reference does): {p[:40]!r}...")
         seed = _seed_list(seed, 1)[0]
         unknown = -1  # marks not-yet-generated canvas cells (codes are >= 0)
         canvas = self.encode_image(image).reshape(1, w, w)
@@ -363,11 +422,21 @@ class Pipeline:
         top_p: float = 0.0,
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Answer a question about an image, yielding text as it is decoded (spec §4.4, §6.9)."""
+        """Answer a question about an image, yielding text as it is decoded (spec §4.4, §6.9).
+
+        The prompt (image tokens + question) must leave room for an answer in the model's
+        `max_position_embeddings` (2048) positions: a longer question is refused (the reference
+        does not truncate questions), and `max_tokens` is lowered to the room left, with a note."""
+        self.notes = []
+        question = check_text(question, "question")
+        options = SamplingOptions(temperature, top_k, top_p, seed).validate()
+        length = self.prompting.mmu_length(question, self.cfg.num_vq_tokens)
+        n_image = self.cfg.num_vq_tokens
+        max_tokens = self._answer_budget(length, max_tokens, f"question's prompt ({n_image} image tokens + {length - n_image} of question and format)")
         codes = self.encode_image(image)
         self._release_encoder(keep_decoder=False)
         prompt = self.prompting.mmu_gen(self.prompting.image_ids(codes), question)
-        yield from self._stream(prompt.ids, prompt.layouts, max_tokens, SamplingOptions(temperature, top_k, top_p, seed))
+        yield from self._stream(prompt.ids, prompt.layouts, max_tokens, options)
 
     def ask(self, image: ImageLike, question: str, **kwargs) -> str:
         return "".join(self.stream_ask(image, question, **kwargs))
@@ -378,12 +447,35 @@ class Pipeline:
     def stream_complete(
         self, text: str, *, max_tokens: int = 100, temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int | None = None
     ) -> Iterator[str]:
-        """Plain language modelling (Phi's text ability): [bos] + tokens, causal."""
+        """Plain language modelling (Phi's text ability): [bos] + tokens, causal. A text that
+        leaves no room in the model's positions is refused; `max_tokens` is lowered to the room
+        left, with a note (as in `stream_ask`)."""
+        self.notes = []
+        text = check_text(text, "text")
+        options = SamplingOptions(temperature, top_k, top_p, seed).validate()
         ids = np.asarray([self.prompting._with_bos(self.prompting.encode(text))])
-        yield from self._stream(ids, [Layout(ids.shape[1])], max_tokens, SamplingOptions(temperature, top_k, top_p, seed))
+        max_tokens = self._answer_budget(ids.shape[1], max_tokens, f"text ({ids.shape[1]} tokens with the leading <|endoftext|>)")
+        yield from self._stream(ids, [Layout(ids.shape[1])], max_tokens, options)
 
     def complete(self, text: str, **kwargs) -> str:
         return "".join(self.stream_complete(text, **kwargs))
+
+    def _answer_budget(self, prompt_length: int, max_tokens: int, what: str) -> int:
+        """`max_tokens` fitted into the positions left after the prompt (prompt + answer <=
+        max_position_embeddings): lowered with a note; a prompt that leaves no room is refused."""
+        if not is_integer(max_tokens) or max_tokens < 1:
+            raise GenerationInputError(f"max tokens must be an integer >= 1, got {max_tokens!r}")
+        limit = self.cfg.max_position_embeddings
+        room = limit - prompt_length
+        if room < 1:
+            raise GenerationInputError(
+                f"the {what} is {prompt_length} tokens, leaving no room for an answer in the model's {limit} "
+                f"positions; shorten it by at least {1 - room} tokens"
+            )
+        if max_tokens > room:
+            self._note(f"max tokens lowered from {max_tokens} to {room}: the prompt takes {prompt_length} of the model's {limit} positions")
+            return room
+        return int(max_tokens)
 
     def answer_tokens(self, ids: np.ndarray, layouts: Sequence[Layout], max_tokens: int, options: SamplingOptions) -> Iterator[int]:
         mask = attention_mask(layouts)
@@ -406,17 +498,41 @@ class Pipeline:
 
 # -- helpers -----------------------------------------------------------------------------------
 def _seed_list(seed, n: int) -> list[int]:
-    """One seed per image: an explicit list, or s, s+1, …, s+n-1 from one seed (random if None)."""
+    """One seed per image: an explicit list, or s, s+1, …, s+n-1 from one seed (random if None).
+    Every seed, s+n-1 included, must be in [0, 2**63) (`check_seed`)."""
     if seed is None:
         seed = int(time.time_ns() % 2**31)
     if isinstance(seed, (list, tuple)):
-        seeds = [int(s) for s in seed]
+        seeds = [check_seed(s) for s in seed]
         if not seeds:
             raise GenerationInputError("empty seed list")
         if n > 1 and len(seeds) > 1:
             raise GenerationInputError("several seeds and -n > 1 together are ambiguous; give one seed with -n, or list every seed")
-        return [seeds[0] + i for i in range(n)] if n > 1 else seeds
-    return [int(seed) + i for i in range(n)]
+        if n <= 1:
+            return seeds
+        seed = seeds[0]
+    seed = check_seed(seed)
+    if n > 1:
+        check_seed(seed + n - 1, f"the last seed (seed + n - 1 = {seed} + {n - 1})")
+    return [seed + i for i in range(n)]
+
+
+def _prompt_list(prompts) -> list[str]:
+    """One prompt or an iterable of them, each a valid Unicode string."""
+    if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Iterable):
+        prompts = [prompts]  # a lone non-string is refused by check_text with its type named
+    return [check_text(p, "prompt") for p in prompts]
+
+
+def extended_canvas_shape(shape: tuple[int, int], directions: Sequence[str], m: int) -> tuple[int, int]:
+    """Canvas size in tokens after growing `shape` by m rows/columns per direction."""
+    h, w = shape
+    for d in directions:
+        if d in ("left", "right"):
+            w += m
+        else:
+            h += m
+    return h, w
 
 
 def _chunks(rows: list, size: int) -> Iterator[list]:

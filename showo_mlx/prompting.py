@@ -18,6 +18,7 @@ import numpy as np
 from .config import ShowoConfig
 from .errors import ShowoConfigError
 from .layout import Layout, layout_from_ids, mmu_layout
+from .limits import check_text
 
 IGNORE_ID = -100
 # The nine tokens UniversalPrompting adds after [PAD], in the reference order (spec §1.5).
@@ -32,6 +33,9 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 MMU_QUESTION_TEMPLATE = "USER: \n{question} ASSISTANT:"
+# phi-1_5's tokenizer.json is 2.1 MB and the other files smaller: anything far bigger is not a tokenizer
+# (e.g. a link to /dev/zero), and a FIFO would block the read forever.
+MAX_TOKENIZER_FILE_BYTES = 64 * 2**20
 
 # transformers 4.41 `clean_up_tokenization` (applied by the reference because phi-1_5 sets
 # clean_up_tokenization_spaces=true); newer transformers skip it for BPE, so we apply it ourselves.
@@ -56,7 +60,20 @@ def _load_hf_tokenizer(folder: Path):
         raise ShowoConfigError(
             f"no tokenizer files in {folder}; re-run `showo convert` (it copies phi-1_5's tokenizer)"
         )
-    return AutoTokenizer.from_pretrained(str(folder))
+    for name in TOKENIZER_FILES:
+        path = folder / name
+        if path.exists() and (not path.is_file() or path.stat().st_size > MAX_TOKENIZER_FILE_BYTES):
+            raise ShowoConfigError(
+                f"{path} is not a regular tokenizer file (a special file, or over {MAX_TOKENIZER_FILE_BYTES >> 20} MB); "
+                "re-run `showo convert` to restore the tokenizer"
+            )
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # tokenizers raises bare Exception for a malformed tokenizer.json
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ShowoConfigError(
+            f"the tokenizer in {folder} is corrupt ({type(e).__name__}: {reason}); re-run `showo convert` to restore it"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,7 @@ class Prompting:
     # -- text ------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Tokens of `text` with no special tokens added (the reference's `tokenizer(text)`)."""
+        check_text(text, "text")  # a lone surrogate would reach the Rust tokenizer as a TypeError
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -163,6 +181,10 @@ class Prompting:
     def uncond(self, image_tokens: np.ndarray) -> Prompt:
         """The CFG row: the empty prompt sharing the image tokens (spec §4.1)."""
         return self.t2i_gen([""] * len(image_tokens), image_tokens)
+
+    def mmu_length(self, question: str, num_image_tokens: int) -> int:
+        """Length of the `mmu_gen` prompt for `question`, to check it fits before encoding an image."""
+        return 4 + num_image_tokens + len(self.encode(MMU_QUESTION_TEMPLATE.format(question=question)))
 
     def mmu_gen(self, image_tokens: np.ndarray, question: str) -> Prompt:
         """§4.4 MAGVIT path: <|mmu|><|soi|> img <|eoi|><|sot|> tok("USER: \\n{q} ASSISTANT:")."""
