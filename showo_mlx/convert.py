@@ -7,7 +7,9 @@
     DST/tokenizer files      phi-1_5's tokenizer (from SRC, --tokenizer, or the Hub)
 
 Everything is written into a temporary sibling folder and renamed into place at the end, so a
-failure never leaves a half-written model and an existing DST is only replaced with force=True.
+failure never leaves a half-written model; an existing DST is only replaced with force=True, and only
+if it is empty or a previous conversion (fsutil.check_output_folder, which also refuses a DST that is,
+holds or sits inside an input).
 """
 
 from __future__ import annotations
