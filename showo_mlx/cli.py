@@ -352,7 +352,7 @@ def convert(
     vq: Optional[str] = typer.Option(None, "--vq", help="MAGVIT-v2 folder or Hub id (default showlab/magvitv2)."),
     vq_dtype: Optional[str] = typer.Option(None, "--vq-dtype", help="MAGVIT dtype (default float32, float16 when quantized)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: SRC's, else microsoft/phi-1_5)."),
-    force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace DST if it is empty or a previous showo-mlx model folder."),
 ):
     """Convert an official Show-o checkpoint into a showo-mlx folder."""
     from .convert import QuantizeSpec, check_dtype

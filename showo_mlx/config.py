@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ShowoConfigError
+from .config_schema import SHOWO_FIELDS, check_magvit_fields, check_number, check_showo_fields, fail, require_object
+from .errors import ShowoConfigError, ShowoError
 
 # microsoft/phi-1_5 numbers (spec §1.1); used when the Hub config only names the LLM.
 PHI_1_5 = dict(
@@ -71,6 +72,7 @@ class ShowoConfig:
         return side, side
 
     def validate(self) -> "ShowoConfig":
+        check_showo_fields(self)  # types and ranges first: the arithmetic below relies on them
         if self.hidden_size % self.num_attention_heads:
             raise ShowoConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -93,6 +95,7 @@ class ShowoConfig:
     @classmethod
     def from_hub_dict(cls, d: dict[str, Any]) -> "ShowoConfig":
         """Build from the official diffusers-style config (plus an optional ``llm_config`` block)."""
+        require_object(d, "config.json")
         if d.get("_class_name") not in (None, "Showo"):
             raise ShowoConfigError(
                 f"config.json describes a {d.get('_class_name')!r}, not a Show-o model; "
@@ -100,13 +103,16 @@ class ShowoConfig:
             )
         llm = dict(PHI_1_5)
         if "llm_config" in d:
-            src = d["llm_config"]
+            src = require_object(d["llm_config"], "config.json (llm_config)")
             llm.update({k: src[k] for k in PHI_1_5 if k in src})
         elif "phi-1_5" not in str(d.get("llm_model_path", "microsoft/phi-1_5")):
             raise ShowoConfigError(
                 f"unknown llm_model_path {d.get('llm_model_path')!r} and no llm_config block; "
                 "only microsoft/phi-1_5 based checkpoints are supported"
             )
+        if type(d.get("w_clip_vit", False)) is not bool:
+            raise fail("config.json", f"w_clip_vit must be true or false, got {d['w_clip_vit']!r:.40}")
+        check_number(d.get("vocab_size", 58498), "vocab_size", *SHOWO_FIELDS["vocab_size"], "config.json")
         fields = dict(
             vocab_size=d.get("vocab_size", 58498),
             llm_vocab_size=d.get("llm_vocab_size", 50295),
@@ -120,6 +126,7 @@ class ShowoConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShowoConfig":
         """Build from our own serialised form (``asdict``); unknown keys are refused by name."""
+        require_object(d, "showo config")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -164,6 +171,7 @@ class MagvitConfig:
     def from_hub_dict(cls, d: dict[str, Any]) -> "MagvitConfig":
         """The Hub config holds only the class name (all numbers are the defaults); the fixtures add
         a ``fixture_hparams`` block with every constructor argument."""
+        require_object(d, "config.json")
         if d.get("_class_name") not in (None, "MAGVITv2"):
             raise ShowoConfigError(
                 f"config.json describes a {d.get('_class_name')!r}, not MAGVITv2; pass the image "
@@ -172,7 +180,13 @@ class MagvitConfig:
         hp = d.get("fixture_hparams")
         if not hp:
             return cls()
+        try:
+            return cls._from_hparams(require_object(hp, "config.json (fixture_hparams)")).validate()
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise fail("config.json (fixture_hparams)", f"malformed ({type(e).__name__}: {e!s:.80})") from None
 
+    @classmethod
+    def _from_hparams(cls, hp: dict[str, Any]) -> "MagvitConfig":
         def coder(c: dict[str, Any]) -> MagvitCoderConfig:
             return MagvitCoderConfig(
                 ch=c["ch"],
@@ -192,9 +206,19 @@ class MagvitConfig:
             norm_eps=gn.get("eps", 1e-6),
         )
 
+    def validate(self) -> "MagvitConfig":
+        check_magvit_fields(self)
+        return self
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MagvitConfig":
-        d = dict(d)
+        try:
+            return cls._from_plain_dict(dict(require_object(d, "magvit config"))).validate()
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise fail("magvit config", f"malformed ({type(e).__name__}: {e!s:.80})") from None
+
+    @classmethod
+    def _from_plain_dict(cls, d: dict[str, Any]) -> "MagvitConfig":
         enc = MagvitCoderConfig(**{**d.pop("encoder"), })
         dec = MagvitCoderConfig(**d.pop("decoder"))
         enc.ch_mult, enc.num_res_blocks = tuple(enc.ch_mult), tuple(enc.num_res_blocks)
@@ -209,11 +233,21 @@ class MagvitConfig:
         return dataclasses.asdict(self)
 
 
+MAX_CONFIG_BYTES = 16 << 20  # real config.json files are a few kB
+
+
 def read_json(path: Path) -> dict[str, Any]:
+    """Parse a config JSON file: a regular file (never a FIFO or device) of bounded size."""
+    from .fsutil import read_regular_file
+
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        data = read_regular_file(path, limit=MAX_CONFIG_BYTES, error=ShowoConfigError)
+        return json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ShowoConfigError(f"{path} not found; is this a model folder?") from None
+    except OSError as e:
+        raise ShowoConfigError(f"{path} cannot be read ({e.strerror or type(e).__name__}); check its permissions") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShowoConfigError(f"{path} is not valid JSON ({e}); re-download or re-convert it") from None
+    except RecursionError:
+        raise ShowoConfigError(f"{path} is nested too deeply to be a config; re-download or re-convert it") from None

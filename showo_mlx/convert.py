@@ -7,25 +7,29 @@
     DST/tokenizer files      phi-1_5's tokenizer (from SRC, --tokenizer, or the Hub)
 
 Everything is written into a temporary sibling folder and renamed into place at the end, so a
-failure never leaves a half-written model and an existing DST is only replaced with force=True.
+failure never leaves a half-written model; an existing DST is only replaced with force=True, and only
+if it is empty or a previous conversion (fsutil.check_output_folder, which also refuses a DST that is,
+holds or sits inside an input).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from . import __version__
 from .checkpoint_io import find_weight_files, iter_checkpoint
 from .config import MagvitConfig, ShowoConfig, read_json
 from .errors import CheckpointError, ShowoError
-from .fsutil import atomic_output_dir
+from .config_schema import check_converted_config
+from .fsutil import atomic_output_dir, check_output_folder, has_json_marker, read_regular_file, source_roots
 from .magvit import sanitize_magvit_weights
 from .model import ShowoTransformer
 from .prompting import TOKENIZER_FILES
@@ -173,12 +177,30 @@ def save_sharded(folder: Path, weights: dict[str, mx.array], stem: str = "model"
     return names
 
 
+# Size limits per tokenizer file (phi-1_5's are 2.1 MB, 0.8 MB and 0.5 MB; the largest tokenizers
+# in use are ~35 MB); anything else a tokenizer folder holds is a small JSON file.
+TOKENIZER_LIMITS = {"tokenizer.json": 128 << 20, "vocab.json": 64 << 20, "merges.txt": 64 << 20}
+SMALL_FILE_LIMIT = 8 << 20
+
+
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files of `src` into `dst`: regular files only (never a FIFO or device),
+    each within its size limit, and only if its real location is inside `src` (or, for a Hub
+    cache snapshot, its blob store): a link to a file elsewhere is refused, not copied into the
+    output for anyone to read."""
     copied = []
+    roots = source_roots(src)
     for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
+        if not os.path.lexists(src / name):
+            continue
+        try:
+            data = read_regular_file(src / name, limit=TOKENIZER_LIMITS.get(name, SMALL_FILE_LIMIT), within=roots)
+        except FileNotFoundError:
+            continue  # a dangling link: the file is not there
+        except OSError as e:
+            raise ShowoError(f"{src / name} cannot be read ({e.strerror or type(e).__name__}); check its permissions") from None
+        (dst / name).write_bytes(data)
+        copied.append(name)
     if "tokenizer.json" not in copied and "vocab.json" not in copied:
         raise ShowoError(f"no tokenizer files in {src}; pass --tokenizer with phi-1_5's tokenizer folder")
     return copied
@@ -196,14 +218,43 @@ def load_showo_source(src: Path) -> tuple[ShowoConfig, dict[str, mx.array]]:
             "support yet; use showlab/show-o or showlab/show-o-512x512"
         )
     # One tensor at a time: the 5.8 GB float32 checkpoint is never held twice.
-    weights = {k: mx.array(v) for k, v in iter_checkpoint(src, select=lambda k: not k.startswith("mm_projector."))}
-    return cfg, sanitize_showo_weights(weights)
+    stream = finite_weights(iter_checkpoint(src, select=lambda k: not k.startswith("mm_projector.")), src)
+    weights = {k: mx.array(v) for k, v in stream}
+    return cfg, require_float(sanitize_showo_weights(weights), src)
 
 
 def load_magvit_source(vq: Path) -> tuple[MagvitConfig, dict[str, mx.array]]:
     cfg = MagvitConfig.from_hub_dict(read_json(vq / "config.json"))
-    raw = sanitize_magvit_weights(dict(iter_checkpoint(vq)))
+    raw = require_float(sanitize_magvit_weights(dict(finite_weights(iter_checkpoint(vq), vq))), vq)
     return cfg, {k: mx.array(v) for k, v in raw.items()}
+
+
+def finite_weights(tensors, source: Path):
+    """Pass (name, array) pairs through, refusing a float tensor with NaN or infinite values: a
+    model of NaNs converts, loads and then answers "!!!!!" with no error anywhere."""
+    for name, arr in tensors:
+        if arr.dtype.kind == "f" and arr.size:
+            finite = int(np.count_nonzero(np.isfinite(arr)))
+            if finite != arr.size:
+                nans = int(np.count_nonzero(np.isnan(arr)))
+                raise CheckpointError(
+                    f"{source}: tensor '{name}' holds {nans} NaN and {arr.size - finite - nans} infinite values "
+                    f"of {arr.size}; the checkpoint is corrupt, download it again"
+                )
+        yield name, arr
+
+
+def require_float(weights: dict[str, Any], source: Path) -> dict[str, Any]:
+    """Model weights are floating point; an integer tensor under a weight's name is a mislabelled
+    dtype (e.g. float bytes declared I32), which a cast would silently turn into garbage."""
+    for name, value in weights.items():
+        kind = value.dtype.kind if isinstance(value, np.ndarray) else ("f" if mx.issubdtype(value.dtype, mx.floating) else "i")
+        if kind != "f":
+            raise CheckpointError(
+                f"{source}: tensor '{name}' is stored as {str(value.dtype).rsplit('.', 1)[-1]}, but model weights are floating point; "
+                "the checkpoint is corrupt, download it again"
+            )
+    return weights
 
 
 def convert(
@@ -244,6 +295,8 @@ def convert(
         tok_dir = src_dir
     else:
         tok_dir = resolve_source(DEFAULT_TOKENIZER, kind="tokenizer")
+    check_output_folder(dst, force=force, inputs=(src, src_dir, vq, vq_dir, tokenizer, tok_dir),
+                        is_previous_output=is_converted, command="`showo convert`")
 
     # Check configs and weight files of every input before reading gigabytes of any of them.
     ShowoConfig.from_hub_dict(read_json(src_dir / "config.json"))
@@ -286,6 +339,7 @@ def convert(
         )
         copy_tokenizer(tok_dir, tmp)
         config["files"] = {"transformer": files, "magvit": "magvit.safetensors"}
+        check_converted_config(config, "the converted config")  # what loads the folder later accepts
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     log(f"wrote {dst} ({folder_size(dst) / 1e6:.1f} MB)")
     return dst
@@ -296,10 +350,4 @@ def folder_size(folder: Path) -> int:
 
 
 def is_converted(folder: Path) -> bool:
-    cfg = folder / "config.json"
-    if not cfg.exists():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("model_type") == "showo"
-    except (OSError, json.JSONDecodeError):
-        return False
+    return has_json_marker(Path(folder), "config.json", "model_type", "showo")

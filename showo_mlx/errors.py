@@ -36,3 +36,8 @@ class OutputWriteError(ShowoError):
 
 class AttentionBackendError(ShowoError):
     """The attention backend forced with SHOWO_ATTENTION is unknown or not available here."""
+
+
+class UnsafeOutputError(ShowoError):
+    """The output folder is an input, holds or sits inside one, is a protected place (/, home, the
+    current directory), or is not a previous output of the same command, so replacing it could lose data."""

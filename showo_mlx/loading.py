@@ -25,7 +25,10 @@ from .convert import (
     is_converted,
     quantize_transformer,
 )
+from .checkpoint_io import check_safetensors
+from .config_schema import check_converted_config
 from .errors import CheckpointError, ShowoConfigError, ShowoError
+from .fsutil import recover_interrupted
 from .hub import looks_like_repo_id
 from .model import ShowoTransformer
 
@@ -39,6 +42,7 @@ def cache_root() -> Path:
 def resolve_model(model: str | Path, log: Callable[[str], None] = print) -> Path:
     """A converted model folder for `model` (converting once into the cache when needed)."""
     path = Path(model).expanduser()
+    recover_interrupted(path.parent)  # a run killed while replacing this folder left it aside
     if path.is_dir() and is_converted(path):
         return path
     if path.is_dir():
@@ -49,6 +53,7 @@ def resolve_model(model: str | Path, log: Callable[[str], None] = print) -> Path
         target = cache_root() / "converted" / str(model).replace("/", "--")
     else:
         raise ShowoError(f"model {model} is neither a folder nor a Hub id (owner/name); check the name")
+    recover_interrupted(target.parent)
     if is_converted(target):
         return target
     log(f"converting {model} once into {target} (MLX format; later runs reuse it)")
@@ -59,12 +64,13 @@ def resolve_model(model: str | Path, log: Callable[[str], None] = print) -> Path
 def read_model_config(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     config = read_json(folder / "config.json")
-    if config.get("model_type") != "showo":
+    if not isinstance(config, dict) or config.get("model_type") != "showo":
         raise ShowoConfigError(f"{folder} is not a converted showo-mlx model; run `showo convert` first")
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    if isinstance(config.get("format_version"), int) and config["format_version"] > FORMAT_VERSION:
         raise ShowoConfigError(
             f"{folder} was written by a newer showo-mlx (format {config['format_version']}); upgrade showo-mlx"
         )
+    check_converted_config(config, f"{folder / 'config.json'}")
     return config
 
 
@@ -74,6 +80,7 @@ def _load_safetensors(folder: Path, files: list[str]) -> dict[str, mx.array]:
         path = folder / name
         if not path.exists():
             raise CheckpointError(f"{path} is missing; re-run `showo convert`")
+        check_safetensors(path)  # mx.load itself accepts overlapping or out-of-range headers
         try:
             weights.update(mx.load(str(path)))
         except Exception as e:

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .checkpoint_io import check_safetensors
 from .config import MagvitCoderConfig, MagvitConfig, read_json
 from .errors import CheckpointError
 
@@ -397,6 +398,9 @@ def load_magvit_folder(
     path = folder / name
     if not path.is_file():
         raise CheckpointError(f"{path} not found; is {folder} a MAGVIT-v2 folder?")
+    if not official:
+        check_safetensors(path)  # mx.load itself accepts overlapping or out-of-range headers
+
     def wanted(key: str) -> bool:  # a decoder-only model never reads the encoder's tensors
         return with_encoder or not key.startswith("encoder.")
 

@@ -400,14 +400,15 @@ def test_atomic_output_dir_existing_dst(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_failed_final_rename_restores_old_output(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", [".model.tmp-", ".model.new-"], ids=["marking-complete", "final-move"])
+def test_failed_final_rename_restores_old_output(tmp_path, monkeypatch, failing):
     dst = tmp_path / "model"
     dst.mkdir()
     (dst / "old.txt").write_text("old")
     real_rename = os.rename
 
     def rename(src, target):
-        if Path(src).name.startswith(".model.tmp-"):
+        if Path(src).name.startswith(failing):
             raise OSError(28, "No space left on device")
         real_rename(src, target)
 

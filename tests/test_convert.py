@@ -14,7 +14,7 @@ import torch_format as tf
 from conftest import REF, load_npz
 from showo_mlx import convert as conv
 from showo_mlx.convert import QuantizeSpec, convert
-from showo_mlx.errors import CheckpointError, ShowoError
+from showo_mlx.errors import CheckpointError, ShowoError, UnsafeOutputError
 from showo_mlx.loading import load_transformer, read_model_config
 
 T = load_npz("transformer")
@@ -98,8 +98,15 @@ def test_existing_destination_needs_force(tmp_path):
     with pytest.raises(ShowoError, match="--force"):
         convert(REF / "showo", dst, **QUIET)
     assert (dst / "keep.txt").read_text() == "user data"
-    convert(REF / "showo", dst, force=True, **QUIET)
-    assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").exists()
+    # --force replaces only a previous conversion (or an empty folder), never a folder of user data
+    with pytest.raises(UnsafeOutputError, match="only replaces an empty folder or one written by `showo convert`"):
+        convert(REF / "showo", dst, force=True, **QUIET)
+    assert (dst / "keep.txt").read_text() == "user data"
+    (dst / "keep.txt").unlink()
+    convert(REF / "showo", dst, force=True, **QUIET)  # empty: replaced
+    (dst / "extra.txt").write_text("left by the user in a converted folder")
+    convert(REF / "showo", dst, force=True, **QUIET)  # a previous conversion: replaced
+    assert not (dst / "extra.txt").exists() and (dst / "model.safetensors").exists()
 
 
 def test_wrong_shapes_are_refused_by_name(tmp_path):

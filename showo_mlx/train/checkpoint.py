@@ -27,7 +27,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..errors import TrainingConfigError
+from ..checkpoint_io import check_safetensors
+from ..errors import CheckpointError, TrainingConfigError
 from ..fsutil import atomic_output_dir
 
 CHECKPOINTS = "checkpoints"
@@ -98,9 +99,10 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, mx.array], dict, dict[str, 
     """(trainable weights flat, optimizer state tree, state dict)."""
     try:
         state = json.loads((folder / "state.json").read_text())
+        check_safetensors(folder / "trainable.safetensors"), check_safetensors(folder / "optimizer.safetensors")
         weights = mx.load(str(folder / "trainable.safetensors"))
         opt_flat = mx.load(str(folder / "optimizer.safetensors"))
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, CheckpointError) as e:
         raise TrainingConfigError(f"checkpoint {folder} cannot be read ({' '.join(str(e).split())[:160]}); delete it to fall back to the previous one") from None
     return weights, tree_unflatten(list(opt_flat.items())), state
 

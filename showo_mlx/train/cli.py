@@ -33,7 +33,7 @@ def prepare_command(
     image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder that JSONL/LLaVA image paths are relative to."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images encoded at once."),
     shard_size: int = typer.Option(4096, "--shard-size", help="Rows per output shard."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is empty or a previous `showo prepare` output."),
 ) -> None:
     """Encode a dataset's images to MAGVIT-v2 codes once, for `showo train`."""
     from .prepare import prepare
@@ -80,7 +80,7 @@ def fuse_command(
     adapters: Path = typer.Argument(..., help="Adapters folder (RUN/adapters)."),
     out: Path = typer.Argument(..., help="Output model folder."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights even if the base was quantized."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is empty or a previous model folder."),
 ) -> None:
     """Merge LoRA adapters into the base weights; the result loads like any converted model."""
     from .lora import fuse

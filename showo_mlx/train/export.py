@@ -15,7 +15,15 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..fsutil import atomic_output_dir
+from ..fsutil import atomic_output_dir, check_output_folder
+
+
+def check_model_output(out: Path, *, force: bool, inputs) -> Path:
+    """The output guard for model folders (fsutil.check_output_folder): --force replaces only a
+    previous model folder (config.json with model_type "showo") or an empty one."""
+    from ..convert import is_converted
+
+    return check_output_folder(out, force=force, inputs=inputs, is_previous_output=is_converted, command="`showo convert`, `showo fuse` or `showo train` (a model folder)")
 
 
 def write_model_folder(
@@ -32,6 +40,7 @@ def write_model_folder(
 
     replaced = set(base_config.get("files", {}).get("transformer", ["model.safetensors"]))
     replaced |= {"model.safetensors.index.json", "config.json"}
+    check_model_output(out, force=force, inputs=(base_folder,))
     with atomic_output_dir(out, force=force) as tmp:
         for item in Path(base_folder).iterdir():
             if item.name in replaced or item.name.startswith("."):

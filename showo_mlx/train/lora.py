@@ -25,7 +25,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import __version__
-from ..errors import TrainingConfigError
+from ..checkpoint_io import check_safetensors
+from ..errors import CheckpointError, TrainingConfigError
 from ..fsutil import atomic_output_dir
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -120,8 +121,9 @@ def load_adapters(model: nn.Module, folder: Path, config: dict[str, Any] | None 
     lp = config["lora_parameters"]
     apply_lora(model, rank=lp["rank"], scale=lp["scale"], dropout=lp["dropout"], keys=lp["keys"], num_layers=config["num_layers"])
     try:
+        check_safetensors(Path(folder) / ADAPTER_WEIGHTS)  # mx.load accepts overlapping offsets
         weights = mx.load(str(Path(folder) / ADAPTER_WEIGHTS))
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, CheckpointError) as e:
         raise TrainingConfigError(f"{folder}/{ADAPTER_WEIGHTS} cannot be read ({e})") from None
     expected = adapter_weights(model)
     if set(weights) != set(expected):
@@ -160,9 +162,10 @@ def fuse(
     from ..convert import QuantizeSpec, quantize_transformer
     from ..loading import load_transformer, read_model_config, resolve_model
     from .checkpoint import model_fingerprint
-    from .export import write_model_folder
+    from .export import check_model_output, write_model_folder
 
     folder = resolve_model(model, log=log)
+    check_model_output(out, force=force, inputs=(model, folder, adapters))
     config = read_model_config(folder)
     acfg = read_adapter_config(Path(adapters))
     base = load_transformer(folder, config)

@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ImageInputError, TrainingConfigError
-from ..fsutil import atomic_output_dir
+from ..fsutil import atomic_output_dir, check_output_folder, has_json_marker
 from ..images import preprocess_image
 from .sources import iter_source
 
@@ -99,6 +99,8 @@ def prepare(
     if batch_size < 1 or shard_size < 1:
         raise TrainingConfigError("batch size and shard size must be at least 1")
     folder = resolve_model(model, log=log)
+    check_output_folder(out, force=force, inputs=(data, image_root, model, folder), command="`showo prepare`",
+                        is_previous_output=lambda p: has_json_marker(p, INDEX, "format", FORMAT))
     config = read_model_config(folder)
     cfg = ShowoConfig.from_dict(config["showo"])
     vq = load_magvit(folder, config, with_encoder=True)
