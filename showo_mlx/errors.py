@@ -36,3 +36,16 @@ class OutputWriteError(ShowoError):
 
 class AttentionBackendError(ShowoError):
     """The attention backend forced with SHOWO_ATTENTION is unknown or not available here."""
+
+
+class TrainingDivergedError(ShowoError):
+    """Training met NaN/Inf losses, gradients or weights; the last good checkpoints are kept.
+    `showo train` exits with code 3."""
+
+    exit_code = 3
+
+
+class DistributedError(ShowoError):
+    """A data-parallel collective failed or another process died. `showo train` exits with code 4."""
+
+    exit_code = 4
