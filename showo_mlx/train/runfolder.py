@@ -21,6 +21,7 @@ trust a launcher's exit code (`mlx.launch` exits 0 even when a rank fails). A "r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -155,10 +156,13 @@ def locked(run: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # no flock on this platform: run unlocked
             pass
-        except OSError:
-            raise TrainingConfigError(
-                f"another `showo train` is running in {run}; wait for it to finish or choose another output"
-            ) from None
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                pass  # a file system without locks (some network shares): run unlocked
+            else:
+                raise TrainingConfigError(
+                    f"another `showo train` is running in {run}; wait for it to finish or choose another output"
+                ) from None
         yield
     finally:
         os.close(fd)  # closing releases the lock
