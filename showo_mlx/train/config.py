@@ -194,19 +194,19 @@ class TrainConfig:
         if self.save_every < 1 or self.log_every < 1:
             bad("save_every and log_every must be at least 1")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            bad(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+            bad(f"dtype must be float32, bfloat16 or float16, got {_show(self.dtype)}")
         if self.fine_tune not in ("full", "lora"):
-            bad(f"fine_tune must be 'full' or 'lora', got {self.fine_tune!r}")
+            bad(f"fine_tune must be 'full' or 'lora', got {_show(self.fine_tune)}")
         if self.quantize_bits is not None and self.fine_tune != "lora":
             bad("quantize_bits quantizes a frozen base: it needs fine_tune: lora (QLoRA)")
         if self.quantize_bits not in (None, 2, 3, 4, 5, 6, 8):
-            bad(f"quantize_bits must be one of 2, 3, 4, 5, 6, 8, got {self.quantize_bits!r}")
+            bad(f"quantize_bits must be one of 2, 3, 4, 5, 6, 8, got {_show(self.quantize_bits)}")
         if not 0 <= self.cond_dropout_prob <= 1 or not 0 <= self.min_masking_rate <= 1:
             bad("cond_dropout_prob and min_masking_rate must be in [0, 1]")
         if self.max_grad_norm is not None:
             norm = _number(self.max_grad_norm)
             if norm is None or not math.isfinite(norm) or norm <= 0:
-                bad(f"max_grad_norm must be a positive number or null, got {self.max_grad_norm!r}")
+                bad(f"max_grad_norm must be a positive number or null, got {_show(self.max_grad_norm)}")
             self.max_grad_norm = norm
         if not 2 <= self.max_seq_length <= MAX_SEQ_LENGTH:
             # The model's own limit (rows must fit its position table) is checked once it is loaded.

@@ -9,8 +9,9 @@ Training then reads small integer arrays instead of decoding and encoding pictur
 
 Streaming: images are read, encoded and written `batch_size` at a time and a shard is flushed every
 `shard_size` rows, so memory does not grow with the dataset. The folder is built under a temporary
-name and renamed into place at the end (fsutil.atomic_output_dir). Unreadable images are skipped and
-counted; captions are stored whole (the prompt builders truncate them exactly like the reference).
+name and renamed into place at the end (fsutil.atomic_output_dir). Unreadable images, and images
+without a caption, are skipped, counted and reported; captions are stored whole (the prompt builders
+truncate them exactly like the reference). Training validates this output when it opens it (data.py).
 """
 
 from __future__ import annotations
