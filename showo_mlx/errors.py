@@ -41,3 +41,16 @@ class AttentionBackendError(ShowoError):
 class UnsafeOutputError(ShowoError):
     """The output folder is an input, holds or sits inside one, is a protected place (/, home, the
     current directory), or is not a previous output of the same command, so replacing it could lose data."""
+
+
+class TrainingDivergedError(ShowoError):
+    """Training met NaN/Inf losses, gradients or weights; the last good checkpoints are kept.
+    `showo train` exits with code 3."""
+
+    exit_code = 3
+
+
+class DistributedError(ShowoError):
+    """A data-parallel collective failed or another process died. `showo train` exits with code 4."""
+
+    exit_code = 4

@@ -107,7 +107,9 @@ for path in {[str(deep), str(memo)]!r}:
     results = run_child(code)
     assert len(results) == 2
     for r in results:
-        assert r["seconds"] < 0.5, r
+        # Measured < 0.5 s alone; the bound leaves room for a loaded CI machine and still tells a
+        # bounded failure from the unbounded one (a segfault / a hang of days before the fix).
+        assert r["seconds"] < 5, r
         assert r["result"].startswith(f"{r['path']}: data.pkl ") and "\n" not in r["result"], r
     assert "nests containers more than 64 deep" in results[0]["result"]
     assert "more than 50,000,000 objects" in results[1]["result"]
@@ -206,7 +208,8 @@ print(json.dumps({{"seconds": time.perf_counter() - start, "result": result,
 """
     (r,) = run_child(code)
     assert r["result"].startswith(str(bomb)) and "compressed" in r["result"], r
-    assert r["seconds"] < 0.5 and r["peak_mb"] < 400, r
+    # Measured < 0.5 s alone (39 s and 3.3 GB before the fix); the time bound allows for a loaded machine.
+    assert r["seconds"] < 5 and r["peak_mb"] < 400, r
 
 
 def test_storage_record_sizes_must_match_what_they_declare(tmp_path):

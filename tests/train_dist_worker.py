@@ -7,12 +7,14 @@ RUN.json holds TrainConfig keys plus "report": a path prefix where every rank wr
 computed (`<report>.rank<r>.json`: losses per step and a parameter checksum) — outside the run
 folder, so the test can check that only rank 0 wrote into the run folder. With
 --per-rank-output each rank gets its own run folder (`<output>/rank<r>`), which lets the test see
-that rank 1 never creates anything.
+that rank 1 never creates anything. Every rank first writes its process id to
+`<report>.rank<r>.pid`, so a test can stop one of them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import mlx.core as mx
@@ -28,6 +30,8 @@ def main(argv: list[str]) -> None:
         values = json.load(f)
     report = values.pop("report")
     world = init_world()
+    with open(f"{report}.rank{world.rank}.pid", "w") as f:
+        f.write(str(os.getpid()))
     if "--per-rank-output" in argv:
         values["output"] = f"{values['output']}/rank{world.rank}"
     cfg = TrainConfig.from_dict(values)

@@ -11,7 +11,8 @@ Modules (one job each):
   presets.py      the reference stages (spec §8.3) as presets
   lora.py         LoRA layers (mlx-lm's LoRALinear), adapters on disk, fusing
   distributed.py  data parallel over mx.distributed (ring backend via mlx.launch)
-  checkpoint.py   atomic checkpoints (weights/adapters, optimizer, step) and resume checks
+  checkpoint.py   atomic checkpoints (weights/adapters, optimizer, step, run id) and resume checks
+  runfolder.py    the run folder: one run per folder (run id, lock), status.json, the step log
   trainer.py      the loop: AdamW + warm-up/cosine, accumulation, clipping, bf16, checkpointing
   validate.py     optional sample images during training
   cli.py          typer commands prepare / train / fuse, registered on the main app

@@ -1,18 +1,26 @@
 """`showo prepare`, `showo train`, `showo fuse` — registered on the main typer app by `register`.
 
 Bad input surfaces as one line on stderr and exit code 2 (ShowoError), Ctrl-C as exit 130, the
-same contract as the other showo commands.
+same contract as the other showo commands. `showo train` adds: exit 3 when training stopped on
+non-finite values (TrainingDivergedError), exit 4 when a data-parallel process stalled or died
+(DistributedError; the collective watchdog exits with 4 by itself), exit 143 on SIGTERM. Whatever
+the code, RUN/status.json says how the run ended.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ..cli_common import MODEL_HELP, closing_line, handle_errors
+from ..cli_common import MODEL_HELP, closing_line, fail, handle_errors
+from ..errors import DistributedError, TrainingDivergedError
 
 _errors = handle_errors(interrupted="interrupted; the last checkpoint is kept (resume with --resume)")
 
@@ -22,6 +30,40 @@ def _echo(message: str) -> None:
 
 
 _done = closing_line
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a launcher stopping the job, `kill`): stops training like Ctrl-C, status "interrupted"."""
+
+    exit_code = 143
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Turn SIGTERM into an exception in the main thread, so the trainer records it in status.json
+    (the default action would end the process without a word). Yields the read end of the signal
+    wake-up pipe (or None), for the collective watchdog of a data-parallel run (distributed.py)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated("terminated by SIGTERM")
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    try:
+        yield read_fd
+    except Terminated:
+        typer.echo("\nterminated; the last checkpoint is kept (resume with --resume)", err=True)
+        raise typer.Exit(Terminated.exit_code) from None
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGTERM, previous)
+        os.close(write_fd)
+        os.close(read_fd)
 
 
 def prepare_command(
@@ -52,7 +94,8 @@ def train_command(
     lm_data: Optional[str] = typer.Option(None, "--lm-data", help="Text .txt/.jsonl (lm rows)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder (checkpoints, logs, result)."),
     lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters instead of all weights."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue this run folder's own run from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Delete the run folder's previous run and start a new one."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key: --set lr=5e-5 (repeatable)."),
 ) -> None:
     """Train or fine-tune Show-o (full or LoRA), on one Mac or several (mlx.launch)."""
@@ -60,11 +103,19 @@ def train_command(
     from .trainer import Trainer
 
     start = time.perf_counter()
+    if resume and force:
+        fail("--resume continues the folder's run and --force deletes it; pass one of them")
     overrides = {"model": model, "data": data, "mmu_data": mmu_data, "lm_data": lm_data, "output": output,
                  "fine_tune": "lora" if lora else None}
     cfg = TrainConfig.load(config, overrides, set_ or [])
-    trainer = Trainer(cfg, resume=resume, log=_echo)
-    result = trainer.run()
+    try:
+        with _sigterm_interrupts() as signal_fd:
+            trainer = Trainer(cfg, resume=resume, force=force, log=_echo)
+            if trainer.world.watchdog is not None and signal_fd is not None:
+                trainer.world.watchdog.watch_signals(signal_fd)
+            result = trainer.run()
+    except (TrainingDivergedError, DistributedError) as e:
+        fail(" ".join(str(e).split()), code=e.exit_code)
     if trainer.world.is_main:
         last = result.history[-1] if result.history else None
         if last is not None:

@@ -9,8 +9,9 @@ Training then reads small integer arrays instead of decoding and encoding pictur
 
 Streaming: images are read, encoded and written `batch_size` at a time and a shard is flushed every
 `shard_size` rows, so memory does not grow with the dataset. The folder is built under a temporary
-name and renamed into place at the end (fsutil.atomic_output_dir). Unreadable images are skipped and
-counted; captions are stored whole (the prompt builders truncate them exactly like the reference).
+name and renamed into place at the end (fsutil.atomic_output_dir). Unreadable images, and images
+without a caption, are skipped, counted and reported; captions are stored whole (the prompt builders
+truncate them exactly like the reference). Training validates this output when it opens it (data.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ INDEX = "index.json"
 FORMAT = "showo-prepared"
 VERSION = 1
 MAX_SKIP_REPORTS = 5
+# MAGVIT's encoder memory grows with the pixel count; Show-o models use 256 or 512 px, and codes at
+# any other size than the model's are refused by training anyway.
+MAX_RESOLUTION = 1024
 
 
 @dataclass
@@ -46,6 +50,7 @@ class PrepareResult:
     skipped: int
     num_tokens: int
     resolution: int
+    uncaptioned: int = 0  # images skipped because they have no caption
 
 
 class _ShardWriter:
@@ -98,6 +103,9 @@ def prepare(
 
     if batch_size < 1 or shard_size < 1:
         raise TrainingConfigError("batch size and shard size must be at least 1")
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
+                                   or not 1 <= resolution <= MAX_RESOLUTION):
+        raise TrainingConfigError(f"--resolution must be between 1 and {MAX_RESOLUTION} pixels, got {resolution!r}")
     folder = resolve_model(model, log=log)
     check_output_folder(out, force=force, inputs=(data, image_root, model, folder), command="`showo prepare`",
                         is_previous_output=lambda p: has_json_marker(p, INDEX, "format", FORMAT))
@@ -116,7 +124,7 @@ def prepare(
     row_kind = "conversations" if source_kind == "llava" else "captions"
     dtype = np.uint16 if vq.config.codebook_size <= 65536 else np.int32
 
-    count = skipped = 0
+    count = skipped = uncaptioned = 0
     bar = _progress(progress)
     with atomic_output_dir(out, force=force) as tmp:
         writer = _ShardWriter(tmp, shard_size, dtype)
@@ -131,6 +139,11 @@ def prepare(
             metas.clear()
 
         for sample in samples:
+            if row_kind == "captions" and sample.caption is None:
+                uncaptioned += 1
+                if uncaptioned <= MAX_SKIP_REPORTS:
+                    log(f"skipping {sample.key}: no caption")
+                continue
             try:
                 pixels.append(preprocess_image(sample.load(), resolution))
             except ImageInputError as e:
@@ -154,7 +167,8 @@ def prepare(
         if bar is not None:
             bar.close()
         if count == 0:
-            raise TrainingConfigError(f"no usable samples in {data} ({skipped} skipped); check the data layout")
+            raise TrainingConfigError(f"no usable samples in {data} ({skipped} unreadable, {uncaptioned} without a caption); "
+                                      "check the data layout")
         index = {
             "format": FORMAT,
             "version": VERSION,
@@ -168,13 +182,16 @@ def prepare(
             "model": str(folder),
             "count": count,
             "skipped": skipped,
+            "uncaptioned": uncaptioned,
             "shards": writer.close(),
         }
         (tmp / INDEX).write_text(json.dumps(index, indent=2))
     if skipped:
-        log(f"warning: skipped {skipped} unreadable image(s) of {count + skipped}")
+        log(f"warning: skipped {skipped} unreadable image(s) of {count + skipped + uncaptioned}")
+    if uncaptioned:
+        log(f"warning: skipped {uncaptioned} image(s) without a caption of {count + skipped + uncaptioned}")
     log(f"prepared {count} {row_kind} rows ({num_tokens} tokens each) in {out}")
-    return PrepareResult(Path(out), row_kind, count, skipped, num_tokens, resolution)
+    return PrepareResult(Path(out), row_kind, count, skipped, num_tokens, resolution, uncaptioned)
 
 
 def magvit_fingerprint(model_config: dict) -> str:

@@ -39,7 +39,7 @@ KINDS = ("pairs", "jsonl", "classes", "tar", "llava")
 class RawSample:
     key: str
     load: Callable[[], Image.Image]  # raises ImageInputError for unreadable images
-    caption: str | None = None
+    caption: str | None = None  # None for an image without a caption (counted and skipped by prepare)
     conversations: list[dict] | None = None
 
 
@@ -63,9 +63,10 @@ def _from_bytes(data: bytes, name: str) -> Callable[[], Image.Image]:
 def iter_pairs(folder: Path) -> Iterator[RawSample]:
     for img in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
         txt = img.with_suffix(".txt")
-        if not txt.exists():
-            continue  # an image without a caption is not a training pair
-        yield RawSample(str(img.relative_to(folder)), _from_path(img), caption=_read_text(txt))
+        # An image without a caption is not a training pair: yielded with caption None so that
+        # `prepare` counts and reports it instead of it vanishing silently.
+        caption = _read_text(txt) if txt.is_file() else None
+        yield RawSample(str(img.relative_to(folder)), _from_path(img), caption=caption)
 
 
 def iter_jsonl(path: Path, image_root: Path | None = None) -> Iterator[RawSample]:
@@ -118,10 +119,11 @@ def _tar_sample(shard: Path, key: str | None, files: dict[str, bytes]) -> Iterat
         return
     image = next((files[e] for e in IMAGE_EXTS if e in files), None)
     caption = next((files[e] for e in CAPTION_EXTS if e in files), None)
-    if image is None or caption is None:
+    if image is None:
         return
     name = f"{shard.name}:{key}"
-    yield RawSample(name, _from_bytes(image, name), caption=caption.decode("utf-8", "replace").strip())
+    text = caption.decode("utf-8", "replace").strip() if caption is not None else None  # None: counted by prepare
+    yield RawSample(name, _from_bytes(image, name), caption=text)
 
 
 def iter_llava(path: Path, image_root: Path | None = None) -> Iterator[RawSample]:

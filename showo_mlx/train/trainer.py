@@ -18,6 +18,12 @@ Gradient checkpointing: each block runs under `mx.checkpoint` with its trainable
 as explicit inputs (closed-over parameters would get no gradient), so block activations are
 recomputed in the backward pass instead of kept.
 
+Non-finite values: every step checks the loss sums (already on the host) and the gradient norm (one
+reduction over the gradients, also what clipping needs). A step with NaN/Inf is skipped — no
+update, the optimizer state untouched, its batch consumed — and counted; `max_nonfinite_steps` in a
+row stop the run with TrainingDivergedError (exit code 3). Checkpoints refuse non-finite weights, so
+the last good ones stay. The run folder (runfolder.py) records who owns it and how the run ended.
+
 AdamW mirrors the reference's parameter groups (`train.py:212`): its "no decay" name filter only
 matches biases in this model, so LayerNorm weights and embeddings ARE decayed; only names containing
 "bias" are not. torch's AdamW has bias correction, hence ``bias_correction=True``.
@@ -28,6 +34,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +47,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..attention import attention_mask
-from ..errors import TrainingConfigError
+from ..errors import DistributedError, ShowoError, TrainingConfigError, TrainingDivergedError
+from . import runfolder
 from .batches import BatchBuilder, MicroBatch
-from .checkpoint import check_resume, latest_checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
+from .checkpoint import (
+    check_resume, first_non_finite, latest_checkpoint, load_checkpoint, model_fingerprint, resolve_resume, save_checkpoint,
+)
 from .config import TrainConfig
 from .data import PreparedData, TextData
 from .distributed import World, init_world
@@ -121,11 +131,12 @@ class StepRecord:
     tokens_per_s: float
     peak_memory_gb: float
     grad_norm: float | None = None
+    skipped: bool = False  # non-finite loss or gradient: the update was not applied
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "loss": self.loss, **{f"loss_{k}": v for k, v in self.losses.items()},
                 "lr": self.lr, "tokens_per_s": self.tokens_per_s, "peak_memory_gb": self.peak_memory_gb,
-                "grad_norm": self.grad_norm}
+                "grad_norm": self.grad_norm, "skipped": self.skipped}
 
 
 @dataclass
@@ -141,23 +152,41 @@ class Trainer:
         cfg: TrainConfig,
         *,
         resume: bool = False,
+        force: bool = False,
         world: World | None = None,
         log: Callable[[str], None] = print,
         callback: Callable[[StepRecord], None] | None = None,
     ):
         self.cfg = cfg
-        self.world = world or init_world()
+        self.world = world or init_world(cfg.collective_timeout)
+        self.world.set_timeout(cfg.collective_timeout)
         self.log = log if self.world.is_main else (lambda *_: None)
         self.callback = callback
         self.run_dir = Path(cfg.output)
-        self._setup_model()
-        self._setup_data()
-        self.optimizer = build_optimizer(cfg)
-        self.schedule = lr_schedule(cfg.lr, cfg.warmup_steps, cfg.max_steps)
-        self._value_and_grad = mx.value_and_grad(self._loss)
-        self.start_step = 0
+        self.resume, self.force = resume, force
+        self.run_id: str | None = None  # set when the run starts (or from the folder when resuming)
+        self.start_step = self.step = 0
+        self.nonfinite_streak = self.nonfinite_total = 0
+        self.world.agree(self._catch(self._setup), "setup")
         if resume:
             self._resume()
+
+    @staticmethod
+    def _catch(fn: Callable[[], None]) -> ShowoError | None:
+        try:
+            fn()
+        except ShowoError as e:
+            return e
+        return None
+
+    def _setup(self) -> None:
+        if self.world.is_main:  # before the model loads: refuse another run's folder cheaply
+            runfolder.check_run_folder(self.run_dir, resume=self.resume, force=self.force)
+        self._setup_model()
+        self._setup_data()
+        self.optimizer = build_optimizer(self.cfg)
+        self.schedule = lr_schedule(self.cfg.lr, self.cfg.warmup_steps, self.cfg.max_steps)
+        self._value_and_grad = mx.value_and_grad(self._loss)
 
     # -- setup ------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
@@ -171,6 +200,13 @@ class Trainer:
         self.model_folder = resolve_model(cfg.model, log=self.log)
         self.model_config = read_model_config(self.model_folder)
         showo = ShowoConfig.from_dict({**self.model_config["showo"], "max_seq_length": cfg.max_seq_length})
+        row = cfg.max_seq_length + 1 + showo.num_vq_tokens + 2  # a t2i row (batches.py): every row's length
+        if row > showo.max_position_embeddings:
+            raise TrainingConfigError(
+                f"max_seq_length {cfg.max_seq_length} makes rows of {row} tokens but the model has "
+                f"{showo.max_position_embeddings} positions; use max_seq_length <= "
+                f"{showo.max_position_embeddings - showo.num_vq_tokens - 3}"
+            )
         self.showo = showo
         self.prompting = Prompting(self.model_folder, showo)
         model = load_transformer(self.model_folder, self.model_config)
@@ -279,6 +315,7 @@ class Trainer:
         """The step's gradient of the global-batch loss (already reduced over ranks), the per-task
         CE sums and labelled-token counts over the global batch, and the tokens processed."""
         cfg, world = self.cfg, self.world
+        world.step = step
         mx.random.seed((cfg.seed * 1_000_003 + step) % (2**32))  # LoRA dropout: a function of the step
         micro = [self.batches.build(step, world.rank, a) for a in range(cfg.grad_accum)]
         targets = [loss_targets(mb.labels, mb.rows, cfg.max_seq_length) for mb in micro]
@@ -304,41 +341,66 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         grads, sums, counts, tokens = self.gradients(step)
-        grad_norm = None
         if cfg.max_grad_norm is not None:
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-            grad_norm = float(norm)
+        else:
+            norm = _global_norm(grads)
+        grad_norm = float(norm)  # the same value on every rank: the gradients are already reduced
         lr = float(self.schedule(mx.array(step)))
-        self.params = self._canonical(self.optimizer.apply_gradients(grads, self.params))
-        self.model.update(self.params if self.compute_dtype == mx.float32 else tree_map(lambda p: p.astype(self.compute_dtype), self.params))
-        mx.eval(self.params, self.optimizer.state)
+        # Guard: the loss sums are host values already; NaN/Inf anywhere in the gradients shows in
+        # their norm. A bad step leaves weights and optimizer state untouched.
+        finite = bool(np.isfinite(sums).all()) and math.isfinite(grad_norm)
+        if finite:
+            self.params = self._canonical(self.optimizer.apply_gradients(grads, self.params))
+            self.model.update(self.params if self.compute_dtype == mx.float32 else tree_map(lambda p: p.astype(self.compute_dtype), self.params))
+            mx.eval(self.params, self.optimizer.state)
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
         losses = {t: (float(sums[i] / counts[i]) if counts[i] > 0 else None) for i, t in enumerate(TASKS)}
         coeffs = (cfg.t2i_coeff, cfg.lm_coeff, cfg.mmu_coeff)
         loss = float(sum(c * v for c, v in zip(coeffs, losses.values()) if v is not None))
         dt = time.perf_counter() - t0
-        return StepRecord(step + 1, losses, loss, lr, tokens / dt, mx.get_peak_memory() / 1e9, grad_norm)
+        return StepRecord(step + 1, losses, loss, lr, tokens / dt, mx.get_peak_memory() / 1e9, grad_norm, not finite)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Train to max_steps. Rank 0 holds the run folder's lock throughout and leaves status.json
+        saying how the run ended, whatever ends it."""
+        if not self.world.is_main:
+            return self._loop()
+        with runfolder.locked(self.run_dir):
+            self._start_run()
+            self.world.on_abort(lambda message, status, code: self._write_status(status, message, exit_code=code))
+            try:
+                result = self._loop()
+            except BaseException as e:
+                self._record_failure(e)
+                raise
+            self._write_status("completed", f"trained {result.steps} steps", exit_code=0,
+                               output=str(result.output) if result.output else None)
+            return result
+
+    def _loop(self) -> TrainResult:
         cfg = self.cfg
         result = TrainResult(self.start_step)
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         sampler = self._sampler() if cfg.val_every and self.world.is_main else None
         bar = self._bar()
         for step in range(self.start_step, cfg.max_steps):
             rec = self.train_step(step)
+            self.step = rec.step
             result.history.append(rec)
             result.steps = rec.step
             if self.world.is_main:
-                with open(self.run_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec.to_dict()) + "\n")
+                runfolder.append_log(self.run_dir, {**rec.to_dict(), "run_id": self.run_id})
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(rec))
                 elif rec.step % cfg.log_every == 0:
                     self.log(f"step {rec.step}: {_postfix(rec)}")
+            self._check_divergence(rec)
+            if self.world.is_main:
                 if rec.step % cfg.save_every == 0 or rec.step == cfg.max_steps:
                     self.save_checkpoint(rec)
                 if sampler is not None and rec.step % cfg.val_every == 0:
@@ -351,6 +413,49 @@ class Trainer:
             result.output = self.save_final()
         self.world.barrier()
         return result
+
+    def _check_divergence(self, rec: StepRecord) -> None:
+        if rec.skipped:
+            self.log(f"warning: step {rec.step} skipped: non-finite loss or gradient norm ({rec.grad_norm}); "
+                     f"{self.nonfinite_streak} in a row, {self.nonfinite_total} in this run")
+        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
+            last = latest_checkpoint(self.run_dir) if self.world.is_main else None
+            raise TrainingDivergedError(
+                f"{self.nonfinite_streak} steps in a row (to step {rec.step}) had non-finite losses or gradients; stopped "
+                f"without saving, the last good checkpoint is {last.name if last else 'none'} (lower lr, set max_grad_norm, "
+                "or check the data, then --resume)"
+            )
+
+    # -- the run folder ---------------------------------------------------------------------------
+    def _start_run(self) -> None:
+        """Rank 0, under the folder lock: claim the folder for a new run (or continue the resumed
+        one), and say so in status.json."""
+        if self.resume:
+            self.run_id = self.run_id or runfolder.new_run_id()  # checkpoints from before run ids
+            runfolder.adopt_run(self.run_dir, self.run_id)
+        else:
+            self.run_id = runfolder.start_run(self.run_dir, force=self.force)
+        (self.run_dir / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        self._write_status("running", f"resumed at step {self.start_step}" if self.resume else "started")
+
+    def _write_status(self, status: str, message: str, exit_code: int | None = None, **extra) -> None:
+        last = latest_checkpoint(self.run_dir)
+        runfolder.write_status(
+            self.run_dir, status, run_id=self.run_id, step=self.step, max_steps=self.cfg.max_steps, message=message,
+            exit_code=exit_code, checkpoint=str(last) if last else None, skipped_steps=self.nonfinite_total, **extra,
+        )
+
+    def _record_failure(self, e: BaseException) -> None:
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or SIGTERM turned into one by the CLI
+            status, code, message = "interrupted", getattr(e, "exit_code", 130), str(e) or "interrupted (Ctrl-C)"
+        elif isinstance(e, ShowoError):
+            status, code, message = "failed", getattr(e, "exit_code", 2), str(e)
+        else:
+            status, code, message = "failed", 1, f"{type(e).__name__}: {e}"
+        try:
+            self._write_status(status, " ".join(message.split())[:500], exit_code=code)
+        except (OSError, ShowoError):
+            pass  # the original error matters more than the status file
 
     def _bar(self):
         if not (self.cfg.progress and self.world.is_main):
@@ -377,6 +482,8 @@ class Trainer:
     def save_checkpoint(self, rec: StepRecord | None = None) -> Path:
         step = rec.step if rec else self.start_step
         state = {
+            "run_id": self.run_id,
+            "skipped_steps": self.nonfinite_total,
             **self._identity(),
             "seed": self.cfg.seed,
             "world_size": self.world.size,
@@ -389,17 +496,25 @@ class Trainer:
         return save_checkpoint(self.run_dir, step, self.params, self.optimizer.state, state, keep=self.cfg.keep_checkpoints)
 
     def _resume(self) -> None:
-        ck = latest_checkpoint(self.run_dir)
+        found: list = []
+        error = self._catch(lambda: found.extend(resolve_resume(self.run_dir)))
+        ck, self.run_id = found if found else (None, None)
         # Every rank reads the checkpoint itself (rank 0 wrote it): agree on which one first, so a
         # rank that cannot see it fails everywhere instead of leaving the others waiting.
         steps = self.world.all_gather_ints([int(ck.name.split("-")[1]) if ck else -1])[:, 0]
-        if (steps < 0).all():
-            raise TrainingConfigError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
+        if error is not None:
+            raise error
+        if (steps < 0).any():
+            raise DistributedError(f"--resume: rank {int(np.flatnonzero(steps < 0)[0])} found no checkpoint of this run "
+                                   f"in {self.run_dir} (see its message)")
         if len(set(steps.tolist())) > 1:
             raise TrainingConfigError(
                 f"--resume: the ranks see different checkpoints (steps {steps.tolist()}); copy {self.run_dir} from "
                 "rank 0's machine to the same path on every machine (or put output: on a shared folder)"
             )
+        self.world.agree(self._catch(lambda: self._load_resume_state(ck)), "resume")
+
+    def _load_resume_state(self, ck: Path) -> None:
         weights, opt_state, state = load_checkpoint(ck)
         check_resume(state, self._identity(), ck)
         expected = dict(tree_flatten(self.params))
@@ -411,7 +526,8 @@ class Trainer:
             self.optimizer.state = opt_state
         except ValueError:
             raise TrainingConfigError(f"cannot resume from {ck}: its optimizer state does not fit this run") from None
-        self.start_step = int(state["step"])
+        self.start_step = self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("skipped_steps", 0))
         for key in ("seed", "world_size"):
             if state.get(key) != {"seed": self.cfg.seed, "world_size": self.world.size}[key]:
                 self.log(f"warning: {key} changed since the checkpoint ({state.get(key)}); the data order will differ")
@@ -421,16 +537,13 @@ class Trainer:
             self.log(f"warning: {', '.join(changed)} changed since the checkpoint; the run will not match an uninterrupted one")
         mx.eval(self.params, self.optimizer.state)
         if self.world.is_main:
-            self._trim_log(self.start_step)
-        self.log(f"resumed from {ck} at step {self.start_step}")
-
-    def _trim_log(self, step: int) -> None:
-        """Drop log lines of steps after the checkpoint (they are about to be redone)."""
-        path = self.run_dir / "log.jsonl"
-        if not path.exists():
-            return
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+            # Lines of steps after the checkpoint are about to be redone; a partial last line (power
+            # loss mid-write) is dropped instead of failing the resume.
+            unreadable = runfolder.trim_log(self.run_dir, self.start_step)
+            if unreadable:
+                self.log(f"warning: dropped {unreadable} unreadable line(s) of {self.run_dir / runfolder.LOG_FILE} "
+                         "(an interrupted write)")
+        self.log(f"resumed run {self.run_id or '(no run id)'} from {ck} at step {self.start_step}")
 
     def save_final(self) -> Path:
         from .. import __version__
@@ -438,6 +551,10 @@ class Trainer:
         from .lora import adapter_config, save_adapters
 
         cfg = self.cfg
+        bad = first_non_finite(dict(tree_flatten(self.params)))
+        if bad is not None:
+            raise TrainingDivergedError(f"{bad} holds NaN or Inf values; the result was not written, the last good "
+                                        "checkpoint is kept")
         if cfg.fine_tune == "lora":
             config = adapter_config(
                 rank=cfg.lora_rank, scale=cfg.lora_scale, dropout=cfg.lora_dropout, keys=cfg.lora_keys, num_layers=cfg.lora_layers,
@@ -454,10 +571,15 @@ class Trainer:
         return out
 
 
+def _global_norm(grads) -> mx.array:
+    """The L2 norm over every gradient (what clip_grad_norm computes), kept lazy."""
+    return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
+
+
 def _postfix(rec: StepRecord) -> str:
     parts = [f"{t} {v:.3f}" for t, v in rec.losses.items() if v is not None]
     return ", ".join(parts) + f" | {rec.tokens_per_s:,.0f} tok/s | peak {rec.peak_memory_gb:.2f} GB"
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
-    return Trainer(cfg, resume=resume, log=log).run()
+def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log: Callable[[str], None] = print) -> TrainResult:
+    return Trainer(cfg, resume=resume, force=force, log=log).run()
