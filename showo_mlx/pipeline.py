@@ -13,9 +13,10 @@ prefixes (t2i.py); answers decode with a KV cache (decoding.py).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -27,7 +28,7 @@ from . import __version__
 from .attention import attention_mask
 from .config import MagvitConfig, ShowoConfig
 from .convert import QuantizeSpec
-from .decoding import IncrementalText, SamplingOptions, generate_tokens
+from .decoding import GenerationResponse, IncrementalText, SamplingOptions, generate_tokens
 from .errors import GenerationInputError, ImageInputError
 from .images import load_image, load_mask, mask_tokens, preprocess_image, preprocess_mask, to_uint8
 from .layout import Layout
@@ -37,9 +38,12 @@ from .memory import apply_low_ram, drop_encoder, magvit_throttle
 from .prompting import Prompting
 from .t2i import CachedImageLogits, UncondPrefixStore
 
+log = logging.getLogger(__name__)
+
 DIRECTIONS = ("left", "right", "up", "down")
 CAPTION_QUESTION = "Please describe this image in detail."
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
+SEED_MAX = 2**64 - 1  # MLX's random keys are 64-bit: every seed in [0, 2**64 - 1] is distinct
 
 
 @dataclass
@@ -63,6 +67,9 @@ class GenerationSettings:
 
 @dataclass
 class GeneratedImage:
+    """One generated image with what made it. `save(path)` writes the PNG with its metadata (see
+    showo_mlx/metadata.py: `Software`, `Comment` and a JSON record of every setting)."""
+
     image: Image.Image
     prompt: str
     seed: int | None
@@ -70,23 +77,42 @@ class GeneratedImage:
     codes: np.ndarray
     task: str = "generate"
     extra: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None  # the model as resolved: Hub id (@revision) or absolute folder
+    model_options: dict[str, Any] = field(default_factory=dict)  # load-time dtype / quantization
 
-    def metadata(self, model: str) -> dict[str, str]:
-        """PNG text chunks: enough to reproduce the image."""
+    def record(self, model: str | None = None) -> dict[str, Any]:
+        """Every setting, as the JSON record stored in the PNG (`showo info` prints it)."""
         s = self.settings
-        meta = {
-            "prompt": self.prompt,
-            "seed": "greedy" if s.greedy else str(self.seed),
-            "steps": str(s.steps),
-            "guidance": str(s.guidance),
-            "temperature": str(s.temperature),
-            "schedule": s.schedule,
-            "task": self.task,
-            "model": model,
+        return {
+            "format": 1,
             "software": f"showo-mlx {__version__}",
+            "task": self.task,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "greedy": bool(s.greedy),
+            "steps": s.steps,
+            "guidance": s.guidance,
+            "temperature": s.temperature,
+            "schedule": s.schedule,
+            "model": model or self.model,
+            "dtype": self.model_options.get("dtype"),
+            "quantize": self.model_options.get("quantize"),
+            "width": self.image.width,
+            "height": self.image.height,
+            **self.extra,
         }
-        meta.update({k: str(v) for k, v in self.extra.items()})
-        return meta
+
+    def metadata(self, model: str | None = None) -> dict[str, str]:
+        """PNG text chunks: enough to reproduce the image."""
+        from .metadata import png_text
+
+        return png_text(self.record(model))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the image as a PNG with its metadata (atomically: complete or absent)."""
+        from .images import save_png
+
+        return save_png(self.image, path, self.metadata())
 
 
 def load(
@@ -122,6 +148,7 @@ class Pipeline:
         if low_ram:
             apply_low_ram()
         self.name = name or str(folder)
+        self.load_options = {"dtype": dtype, "quantize": asdict(quantize) if quantize is not None else None}
         self.config = read_model_config(self.folder)
         self.model = load_transformer(self.folder, self.config, dtype=dtype, quantize=quantize)
         self.cfg: ShowoConfig = self.model.config
@@ -133,6 +160,16 @@ class Pipeline:
         self._uncond = UncondPrefixStore()
 
     # -- parts -------------------------------------------------------------------------------
+    @property
+    def model_ref(self) -> str:
+        """The model as resolved, for metadata: an absolute folder, or the Hub id (with the revision
+        when the loader records one in `name`)."""
+        path = Path(self.name).expanduser()
+        return str(path.resolve()) if path.exists() else self.name
+
+    def _provenance(self) -> dict[str, Any]:
+        return {"model": self.model_ref, "model_options": dict(self.load_options)}
+
     @property
     def grid(self) -> tuple[int, int]:
         return self.cfg.image_grid
@@ -186,7 +223,12 @@ class Pipeline:
 
     def encode_image(self, image: ImageLike) -> np.ndarray:
         """Image → (1, N) MAGVIT codes at the model's resolution (reference preprocessing)."""
-        pixels = preprocess_image(self._pil(image), self.resolution)
+        image = self._pil(image)
+        r = self.resolution
+        if image.size != (r, r):
+            shape = "centre-cropped to a square and resized" if image.width != image.height else "resized"
+            log.info("image %dx%d %s to %dx%d, the model's input size", image.width, image.height, shape, r, r)
+        pixels = preprocess_image(image, r)
         with magvit_throttle(self.low_ram):  # evaluated inside: the throttle only acts on work done there
             return np.array(self.vq.encode(mx.array(pixels)))
 
@@ -257,18 +299,26 @@ class Pipeline:
         greedy: bool = False,
         batch_size: int = 4,
         callback=None,
+        on_image: Callable[[GeneratedImage], None] | None = None,
     ) -> list[GeneratedImage]:
         """Text-to-image. Each prompt gets one image per seed; with one seed s and n > 1 the seeds
-        are s, s+1, …, s+n-1, so any image can be reproduced alone from its metadata."""
+        are s, s+1, …, s+n-1, so any image can be reproduced alone from its metadata.
+        `on_image` is called with each image as soon as its batch is decoded (e.g. to save it, so an
+        interrupted run keeps the finished ones)."""
         s = self.settings("generate", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
         rows = self._rows(prompts, seed, n)
         out: list[GeneratedImage] = []
         mask_row = np.full(self.cfg.num_vq_tokens, self.cfg.mask_token_id, dtype=np.int64)
         for chunk in _chunks(rows, batch_size):
+            start = time.perf_counter()
             init = np.tile(mask_row, (len(chunk), 1))
             codes = self._decode_window([p for p, _ in chunk], init, [sd for _, sd in chunk], s, callback)
-            for (p, sd), img, c in zip(chunk, self.decode_codes(codes), codes):
-                out.append(GeneratedImage(img, p, sd, s, c))
+            decoded = self.decode_codes(codes)
+            log.debug("batch of %d: %d steps and the MAGVIT decode in %.2f s", len(chunk), s.steps, time.perf_counter() - start)
+            for (p, sd), img, c in zip(chunk, decoded, codes):
+                out.append(GeneratedImage(img, p, sd, s, c, **self._provenance()))
+                if on_image is not None:
+                    on_image(out[-1])
         return out
 
     def inpaint(
@@ -293,12 +343,13 @@ class Pipeline:
         region = mask_tokens(preprocess_mask(self._pil(mask, mask=True), self.resolution), self.grid)
         if not region.any():
             raise ImageInputError("the mask selects no token to repaint (it must be white where to repaint)")
+        log.info("mask: %d of %d image tokens (%dx%d grid) will be repainted", int(region.sum()), region.size, *self.grid)
         tokens = np.where(region, self.cfg.mask_token_id, self.prompting.image_ids(codes))
         rows = self._rows(prompt, seed, n)
         init = np.repeat(tokens, len(rows), axis=0)
         out_codes = self._decode_window([p for p, _ in rows], init, [sd for _, sd in rows], s, callback)
         return [
-            GeneratedImage(img, p, sd, s, c, task="inpaint", extra={"repainted_tokens": int(region.sum())})
+            GeneratedImage(img, p, sd, s, c, task="inpaint", extra={"repainted_tokens": int(region.sum())}, **self._provenance())
             for (p, sd), img, c in zip(rows, self.decode_codes(out_codes), out_codes)
         ]
 
@@ -349,7 +400,16 @@ class Pipeline:
         h, wc = canvas.shape[1:]
         img = self.decode_codes(canvas.reshape(1, -1), shape=(h, wc))[0]
         extra = {"directions": " ".join(directions), "offset": offset, "canvas_tokens": f"{h}x{wc}"}
-        return [GeneratedImage(img, " *** ".join(prompts), seed, s, canvas.reshape(-1), task="extend", extra=extra)]
+        return [GeneratedImage(img, " *** ".join(prompts), seed, s, canvas.reshape(-1), task="extend", extra=extra, **self._provenance())]
+
+    def extension_windows(self, directions: Sequence[str], offset: int = 0) -> int:
+        """How many MaskGIT windows `extrapolate` runs for these directions (progress totals)."""
+        w, shape, count = self.grid[0], (self.grid[0], self.grid[0]), 0
+        for d in (d.lower() for d in directions):
+            m = w // 2 + offset
+            shape = (shape[0], shape[1] + m) if d in ("left", "right") else (shape[0] + m, shape[1])
+            count += len(extension_windows(shape, d, w))
+        return count
 
     # -- text out ------------------------------------------------------------------------------
     def stream_ask(
@@ -362,8 +422,12 @@ class Pipeline:
         top_k: int = 0,
         top_p: float = 0.0,
         seed: int | None = None,
-    ) -> Iterator[str]:
-        """Answer a question about an image, yielding text as it is decoded (spec §4.4, §6.9)."""
+    ) -> Iterator[GenerationResponse]:
+        """Answer a question about an image, yielding the text as it is decoded (spec §4.4, §6.9).
+
+        Each item is a `GenerationResponse`: a str (the new text, possibly empty) that also carries
+        mlx-lm's fields `.text`, `.token`, `.prompt_tokens`, `.prompt_tps`, `.generation_tokens`,
+        `.generation_tps`, `.peak_memory` and `.finish_reason`; `"".join(...)` is the answer."""
         codes = self.encode_image(image)
         self._release_encoder(keep_decoder=False)
         prompt = self.prompting.mmu_gen(self.prompting.image_ids(codes), question)
@@ -377,8 +441,9 @@ class Pipeline:
 
     def stream_complete(
         self, text: str, *, max_tokens: int = 100, temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int | None = None
-    ) -> Iterator[str]:
-        """Plain language modelling (Phi's text ability): [bos] + tokens, causal."""
+    ) -> Iterator[GenerationResponse]:
+        """Plain language modelling (Phi's text ability): [bos] + tokens, causal. Yields
+        `GenerationResponse` items, as `stream_ask`."""
         ids = np.asarray([self.prompting._with_bos(self.prompting.encode(text))])
         yield from self._stream(ids, [Layout(ids.shape[1])], max_tokens, SamplingOptions(temperature, top_k, top_p, seed))
 
@@ -393,30 +458,47 @@ class Pipeline:
             self.model, mx.array(ids), mask=mask, max_tokens=max_tokens, stop_ids=[self.prompting.ids.eos], options=options
         )
 
-    def _stream(self, ids, layouts, max_tokens, options) -> Iterator[str]:
+    def _stream(self, ids, layouts, max_tokens, options) -> Iterator[GenerationResponse]:
+        """One response per token, timed as mlx-lm times them: prompt tokens/s over the prefill (up
+        to the first token), generation tokens/s from the first token on."""
         text = IncrementalText(self.prompting.decode)
-        for token in self.answer_tokens(ids, layouts, max_tokens, options):
-            piece = text.add(token)
-            if piece:
-                yield piece
-        rest = text.finish()
-        if rest:
-            yield rest
+        eos, prompt_tokens = self.prompting.ids.eos, int(np.asarray(ids).shape[1])
+        start = time.perf_counter()
+        first = prompt_tps = None
+        for n, token in enumerate(self.answer_tokens(ids, layouts, max_tokens, options), 1):
+            now = time.perf_counter()
+            if first is None:
+                first, prompt_tps = now, prompt_tokens / max(now - start, 1e-9)
+            reason = "stop" if token == eos else "length" if n == max_tokens else None
+            piece = text.add(token) + (text.finish() if reason else "")
+            yield GenerationResponse(
+                piece, token=int(token), prompt_tokens=prompt_tokens, prompt_tps=prompt_tps, generation_tokens=n,
+                generation_tps=n / max(now - first, 1e-9), peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
+            )
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def check_seed(seed) -> int:
+    """A seed is an integer in [0, 2**64 - 1] (MLX's random keys are 64-bit)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= SEED_MAX:
+        raise GenerationInputError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+    return int(seed)
+
+
 def _seed_list(seed, n: int) -> list[int]:
     """One seed per image: an explicit list, or s, s+1, …, s+n-1 from one seed (random if None)."""
     if seed is None:
         seed = int(time.time_ns() % 2**31)
     if isinstance(seed, (list, tuple)):
-        seeds = [int(s) for s in seed]
+        seeds = [check_seed(s) for s in seed]
         if not seeds:
             raise GenerationInputError("empty seed list")
         if n > 1 and len(seeds) > 1:
             raise GenerationInputError("several seeds and -n > 1 together are ambiguous; give one seed with -n, or list every seed")
-        return [seeds[0] + i for i in range(n)] if n > 1 else seeds
-    return [int(seed) + i for i in range(n)]
+        seeds = [seeds[0] + i for i in range(n)] if n > 1 else seeds
+    else:
+        seeds = [check_seed(seed) + i for i in range(n)]
+    return [check_seed(s) for s in seeds]
 
 
 def _chunks(rows: list, size: int) -> Iterator[list]:
