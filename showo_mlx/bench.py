@@ -12,10 +12,11 @@ Without `--model` the full-size architecture is built with random weights (nothi
 speed and memory depend on shapes, not on values; `--random small` builds a scaled-down one for a
 check of the whole run in seconds. The defaults are sized to finish in a few minutes on a CPU: 3
 timed MaskGIT steps per path (the 18-step image is extrapolated from them) and the reference's
-per-token recompute timed at 5 evenly spaced answer positions; the log gives an ETA for each part. Every timed call follows a warm-up call of the
-same shape and is fully evaluated; greedy decoding makes both paths of a task comparable output
-for output, and the run reports whether they agree. Peak memory is MLX's active-memory peak per
-phase (`mx.reset_peak_memory` before it), resident weights included.
+per-token recompute timed at 5 evenly spaced answer positions; the log gives an ETA for each part.
+Every timed call follows a warm-up call of the same shape and is fully evaluated; greedy decoding
+makes both paths of a task comparable output for output, and the run reports whether they agree.
+Peak memory is MLX's active-memory peak per phase (`mx.reset_peak_memory` before it), resident
+weights included.
 """
 
 from __future__ import annotations

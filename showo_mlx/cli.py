@@ -393,7 +393,7 @@ def extend(
     save = Saver(_plan(output, "extend.png", seeds, force))
     pipe = load_pipeline(model, dtype, spec, low_ram)
     settings = options.resolve(pipe, "extend")
-    total = settings["steps"] * pipe.extension_windows(direction, offset) * len(seeds)
+    total = settings["steps"] * pipe.extension_window_count(direction, offset) * len(seeds)
     with StepProgress(total, "extend") as progress:
         for sd in seeds:
             for r in pipe.extrapolate(img, prompts, direction, offset=offset, seed=sd, callback=progress, **settings):

@@ -84,8 +84,11 @@ def describe(text: Mapping[str, str]) -> list[str]:
     """`key: value` lines: Software and Comment first, then the settings record (or, for a PNG
     from another program, its text chunks)."""
     lines = [f"{k}: {text[k]}" for k in ("Software", "Comment") if k in text]
-    if KEY in text:
-        record = json.loads(text[KEY])
+    try:
+        record = json.loads(text[KEY]) if KEY in text else None
+    except json.JSONDecodeError:
+        record = None  # an edited file: show its chunks as they are
+    if isinstance(record, dict):
         lines += [f"{k}: {json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v}"
                   for k, v in record.items()]
     else:

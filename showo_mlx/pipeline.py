@@ -402,7 +402,7 @@ class Pipeline:
         extra = {"directions": " ".join(directions), "offset": offset, "canvas_tokens": f"{h}x{wc}"}
         return [GeneratedImage(img, " *** ".join(prompts), seed, s, canvas.reshape(-1), task="extend", extra=extra, **self._provenance())]
 
-    def extension_windows(self, directions: Sequence[str], offset: int = 0) -> int:
+    def extension_window_count(self, directions: Sequence[str], offset: int = 0) -> int:
         """How many MaskGIT windows `extrapolate` runs for these directions (progress totals)."""
         w, shape, count = self.grid[0], (self.grid[0], self.grid[0]), 0
         for d in (d.lower() for d in directions):
