@@ -2,8 +2,8 @@
 
 Run by hand (random full-size weights unless --model is given; nothing is downloaded):
 
-    python benchmarks/bench_ask.py --tokens 100                       # recompute every position
-    python benchmarks/bench_ask.py --tokens 100 --recompute-tokens 10  # 10 evenly spaced positions
+    python benchmarks/bench_ask.py --tokens 100                        # recompute at 5 evenly spaced positions
+    python benchmarks/bench_ask.py --tokens 100 --recompute-tokens 100  # every position (slow)
     python benchmarks/bench_ask.py --openblas ...     # Linux: re-run with OpenBLAS preloaded
 
 The recompute path re-runs the whole sequence (image + question + answer so far) for each token, as

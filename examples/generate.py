@@ -7,7 +7,6 @@ import argparse
 from pathlib import Path
 
 import showo_mlx.pipeline
-from showo_mlx.images import save_png
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("prompt", nargs="?", default="a rally car race at sunset")
@@ -23,5 +22,5 @@ pipe = showo_mlx.pipeline.load(args.model)
 images = pipe.generate(args.prompt, seed=args.seed, n=args.n, steps=args.steps, guidance=args.guidance)
 for result in images:
     path = Path(args.output_dir) / f"generate_{result.seed}.png"
-    save_png(result.image, path, result.metadata(args.model))  # prompt, seed, steps... in the PNG
+    result.save(path)  # the PNG with its settings: prompt, seed, steps, model... (showo info PATH)
     print(f"saved {path} ({result.image.width}x{result.image.height})")

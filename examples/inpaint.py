@@ -6,7 +6,6 @@
 import argparse
 
 import showo_mlx.pipeline
-from showo_mlx.images import save_png
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("image")
@@ -20,6 +19,6 @@ args = parser.parse_args()
 
 pipe = showo_mlx.pipeline.load(args.model)
 (result,) = pipe.inpaint(args.image, args.mask, args.prompt, seed=args.seed, steps=args.steps)
-save_png(result.image, args.output, result.metadata(args.model))
+result.save(args.output)  # the PNG with its settings (showo info prints them)
 print(f"repainted {result.extra['repainted_tokens']} tokens; saved {args.output} "
       f"({result.image.width}x{result.image.height})")

@@ -9,10 +9,14 @@ Three tasks, each the way the pipeline runs it and the way the reference runs it
 * MAGVIT-v2 encode and decode.
 
 Without `--model` the full-size architecture is built with random weights (nothing is downloaded):
-speed and memory depend on shapes, not on values. Every timed call follows a warm-up call of the
-same shape and is fully evaluated; greedy decoding makes both paths of a task comparable output
-for output, and the run reports whether they agree. Peak memory is MLX's active-memory peak per
-phase (`mx.reset_peak_memory` before it), resident weights included.
+speed and memory depend on shapes, not on values; `--random small` builds a scaled-down one for a
+check of the whole run in seconds. The defaults are sized to finish in a few minutes on a CPU: 3
+timed MaskGIT steps per path (the 18-step image is extrapolated from them) and the reference's
+per-token recompute timed at 5 evenly spaced answer positions; the log gives an ETA for each part.
+Every timed call follows a warm-up call of the same shape and is fully evaluated; greedy decoding
+makes both paths of a task comparable output for output, and the run reports whether they agree.
+Peak memory is MLX's active-memory peak per phase (`mx.reset_peak_memory` before it), resident
+weights included.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ QUESTION = "What is shown in this image? Describe it in detail."
 PHASES = ("t2i", "ask", "magvit")
 
 
+RANDOM_SIZES = ("256", "512", "small")
+DEFAULT_STEPS = 3  # timed per path; the default-length image is extrapolated from them
+DEFAULT_RECOMPUTE_TOKENS = 5  # recomputed answer positions, evenly spaced
+
+
 @dataclass
 class BenchOptions:
     model: str | None = None  # converted/official folder or Hub id; None = random weights
@@ -60,9 +69,9 @@ class BenchOptions:
     group_size: int = 64
     head_bits: int | None = None
     vq_dtype: str | None = None  # None: float16 when quantized (as convert writes it), else dtype
-    steps: int | None = None  # measured MaskGIT steps; None = the model's default
+    steps: int | None = DEFAULT_STEPS  # measured MaskGIT steps; None = the model's default
     tokens: int = 100  # answer length
-    recompute_tokens: int | None = None  # recomputed answer positions; None = all of them
+    recompute_tokens: int | None = DEFAULT_RECOMPUTE_TOKENS  # recomputed answer positions; None = all
     recompute: bool = True
     phases: tuple[str, ...] = PHASES
     low_ram: bool = False
@@ -162,7 +171,7 @@ def random_components(opts: BenchOptions) -> Components:
         mx.eval(vq.parameters())
         return vq
 
-    name = "tiny random" if opts.tiny else f"random weights, {opts.resolution} px"
+    name = "small random architecture" if opts.tiny else f"random weights, {opts.resolution} px"
     return Components(model, SyntheticPrompting(cfg), make_vq, name, dtype, vq_dtype)
 
 
@@ -278,6 +287,24 @@ def run_maskgit(c: Components, logits_fn, init: np.ndarray, steps: int) -> tuple
     return np.array(codes), times
 
 
+def eta(seconds: float | None) -> str:
+    """` (ETA 40 s)` from a warm-up's timing; empty without one (--no-warmup)."""
+    if seconds is None:
+        return ""
+    return f" (ETA {seconds:.0f} s)" if seconds < 90 else f" (ETA {seconds / 60:.1f} min)"
+
+
+def with_clock(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` with the elapsed time in front: `[1:05] ask: KV cache, 100 tokens (ETA 29 s)`."""
+    start = now()
+
+    def stamped(message: str) -> None:
+        m, sec = divmod(int(now() - start), 60)
+        log(f"[{m}:{sec:02d}] {message}")
+
+    return stamped
+
+
 def timed_call(fn: Callable[[], object]) -> tuple[float, object]:
     """Seconds for `fn()` with its result fully evaluated (arrays, or a logits function's caches)."""
     start = now()
@@ -301,11 +328,14 @@ def bench_t2i(c: Components, opts: BenchOptions, log) -> dict:
     def cached() -> CachedImageLogits:  # a fresh uncond store: the first image of a process
         return CachedImageLogits(c.model, c.prompting, cond, guidance, UncondPrefixStore())
 
+    step_s = decode_s = None  # warm-up timings, for the ETAs
     if opts.warmup:
         log("t2i: warm-up (1 cached step, 1 decode)")
+        start = now()
         codes, _ = run_maskgit(c, cached(), init, 1)
-        mx.eval(vq.decode(mx.array(codes)))
-    log(f"t2i: cached, {steps} steps")
+        step_s = now() - start
+        decode_s, _ = timed_call(functools.partial(vq.decode, mx.array(codes)))
+    log(f"t2i: cached, {steps} steps" + eta(None if step_s is None else steps * step_s + decode_s))
     reset_peak()
     setup, fn = timed_call(cached)  # the cond and uncond text prefixes
     cached_codes, times = run_maskgit(c, fn, init, steps)
@@ -319,10 +349,13 @@ def bench_t2i(c: Components, opts: BenchOptions, log) -> dict:
     out["cached"]["image_s"] = setup + out["default_steps"] * out["cached"]["step_s"] + out["decode_s"]
     del vq
     if opts.recompute:
+        step_s = None
         if opts.warmup:
             log("t2i: warm-up (1 recompute step)")
+            start = now()
             run_maskgit(c, RecomputeImageLogits(c.model, c.prompting, cond, guidance), init, 1)
-        log(f"t2i: recompute, {steps} steps")
+            step_s = now() - start
+        log(f"t2i: recompute, {steps} steps" + eta(None if step_s is None else steps * step_s))
         reset_peak()
         codes, times = run_maskgit(c, RecomputeImageLogits(c.model, c.prompting, cond, guidance), init, steps)
         step_s = float(np.mean(times))
@@ -380,10 +413,12 @@ def bench_ask(c: Components, opts: BenchOptions, log) -> dict:
             stamps.append(now() - start)
         return tokens, stamps
 
+    estimate = None
     if opts.warmup:
         log("ask: warm-up (prefill + 1 token)")
-        answer(2)
-    log(f"ask: KV cache, {t} tokens")
+        _, warm = answer(2)
+        estimate = warm[0] + (t - 1) * (warm[1] - warm[0])
+    log(f"ask: KV cache, {t} tokens" + eta(estimate))
     reset_peak()
     tokens, stamps = answer(t)
     per_token = (stamps[-1] - stamps[0]) / (t - 1) if t > 1 else float("nan")
@@ -391,11 +426,15 @@ def bench_ask(c: Components, opts: BenchOptions, log) -> dict:
     out["ask_peak_bytes"] = max(out["encode_peak_bytes"], out["cached"]["peak_bytes"])
     if opts.recompute:
         positions = recompute_positions(t, opts.recompute_tokens)
+        forward_s = None
         if opts.warmup:
             log("ask: warm-up (1 full forward)")
+            start = now()
             reference_next_token(c.model, ids, eoi)
+            forward_s = now() - start
         reset_peak()
-        log(f"ask: reference recompute at {len(positions)} of {t} answer positions")
+        log(f"ask: reference recompute at {len(positions)} of {t} answer positions"
+            + eta(None if forward_s is None else len(positions) * forward_s))
         times, agree = [], 0
         for p in positions:
             seq = mx.concatenate([ids, mx.array([tokens[:p]], dtype=ids.dtype)], axis=1) if p else ids
@@ -417,9 +456,11 @@ def bench_magvit(c: Components, opts: BenchOptions, log) -> dict:
     grid = int(round(cfg.num_vq_tokens**0.5))
     vq = c.make_vq(True)
     pixels = mx.random.uniform(-1, 1, (1, grid * 16, grid * 16, 3), key=mx.random.key(opts.seed))
+    estimate = None
     if opts.warmup:
         log("magvit: warm-up (encode + decode)")
-        mx.eval(vq.decode(vq.encode(pixels)))
+        estimate, _ = timed_call(lambda: vq.decode(vq.encode(pixels)))
+    log("magvit: encode + decode" + eta(estimate))
     out: dict = {"resolution": grid * 16, "params": param_count(vq), "bytes": tree_bytes(vq)}
     reset_peak()
     with magvit_throttle(opts.low_ram):
@@ -439,6 +480,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda m: None) -
     from .launcher import blas_status
 
     opts.validate()
+    log = with_clock(log)
     log("building the model" if opts.model is None else f"loading {opts.model}")
     start = now()
     c = random_components(opts) if opts.model is None else folder_components(opts)
@@ -587,29 +629,37 @@ def register(app) -> None:
     """Add `showo bench` to a typer app."""
     import typer
 
-    from .cli_common import handle_errors
+    from .cli_args import ShowoCommand
+    from .cli_common import QBitsOption, QGroupSizeOption, QHeadBitsOption, QuantizeOption, handle_errors, quantize_spec, say
 
-    @app.command()
+    @app.command(cls=ShowoCommand, epilog=(
+        "Examples:\n\n"
+        "  showo bench\n\n"
+        "  showo bench --random small --steps 1 --tokens 8\n\n"
+        "  showo bench -q --q-bits 4 --q-group-size 128 --q-head-bits 4 --only t2i --only ask\n\n"
+        "  showo bench --model ./show-o-mlx --json bench.json"
+    ))
     @handle_errors(interrupted="interrupted")
     def bench(
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder or Hub id (default: random weights)."),
-        random_size: int = typer.Option(256, "--random", help="Random-weight architecture: 256 or 512 px."),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default), float16, bfloat16."),
-        quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantize the transformer to BITS."),
-        group_size: int = typer.Option(64, "--group-size", help="Quantization group size: 32, 64, 128."),
-        head_bits: Optional[int] = typer.Option(None, "--head-bits", help="Also quantize embedding and head."),
-        vq_dtype: Optional[str] = typer.Option(None, "--vq-dtype", help="MAGVIT dtype (default: float16 if quantized)."),
-        steps: Optional[int] = typer.Option(None, "--steps", help="MaskGIT steps to time (default: the model's)."),
+        model: Optional[str] = typer.Option(None, "--model", help="Model folder or Hub id (default: random weights)."),
+        random_size: str = typer.Option("256", "--random", help="Random-weight architecture: 256 or 512 px, or small (2 layers, 128 px: seconds, for a quick check)."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16, bfloat16 (default float32, or the folder's)."),
+        quantize: bool = QuantizeOption,
+        q_bits: Optional[int] = QBitsOption,
+        q_group_size: Optional[int] = QGroupSizeOption,
+        q_head_bits: Optional[int] = QHeadBitsOption,
+        vq_dtype: Optional[str] = typer.Option(None, "--vq-dtype", help="MAGVIT dtype (default: float16 if quantized, else --dtype)."),
+        steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="MaskGIT steps timed per path; the image row extrapolates to the model's default."),
         tokens: int = typer.Option(100, "--tokens", help="Answer length for ask."),
-        recompute_tokens: Optional[int] = typer.Option(
-            None, "--recompute-tokens", help="Time the recompute at this many evenly spaced positions (default all)."),
-        no_recompute: bool = typer.Option(False, "--no-recompute", help="Skip the reference-style paths."),
-        only: Optional[List[str]] = typer.Option(None, "--only", help="Phases: t2i, ask, magvit (repeat)."),
-        low_ram: bool = typer.Option(False, "--low-ram", help="Cap MLX's buffer cache, throttle MAGVIT, drop its encoder early."),
-        no_warmup: bool = typer.Option(False, "--no-warmup", help="Skip warm-ups (memory-only runs of slow configs)."),
-        json_out: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file."),
-        sizes: bool = typer.Option(False, "--sizes", help="Print expected 4-bit folder sizes and exit."),
-        tiny: bool = typer.Option(False, "--tiny", hidden=True),
+        recompute_tokens: int = typer.Option(
+            DEFAULT_RECOMPUTE_TOKENS, "--recompute-tokens", help="Time the reference's recompute at this many evenly spaced answer positions (>= --tokens: all)."),
+        no_recompute: bool = typer.Option(False, "--no-recompute", help="Skip the reference-style paths; off by default."),
+        only: Optional[List[str]] = typer.Option(None, "--only", help="Phases to run: t2i, ask, magvit (repeat; default all)."),
+        low_ram: bool = typer.Option(False, "--low-ram", help="Cap MLX's buffer cache, throttle MAGVIT, drop its encoder early; off by default."),
+        no_warmup: bool = typer.Option(False, "--no-warmup", help="Skip warm-ups, and so the ETAs (memory-only runs of slow configs); off by default."),
+        json_out: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file (default: none)."),
+        sizes: bool = typer.Option(False, "--sizes", help="Print expected 4-bit folder sizes and exit; off by default."),
+        tiny: bool = typer.Option(False, "--tiny", hidden=True),  # = --random small (the tests' spelling)
     ):
         """Speed and memory: cached vs reference recompute for t2i and ask, MAGVIT, model size."""
         if sizes:
@@ -617,19 +667,25 @@ def register(app) -> None:
             return
         from .launcher import slow_blas_hint
 
+        if random_size not in RANDOM_SIZES:
+            raise ShowoError(f"--random takes {', '.join(RANDOM_SIZES)}, got {random_size!r}")
+        spec = quantize_spec(quantize, q_bits, q_group_size, q_head_bits)
+        small = tiny or random_size == "small"
         opts = BenchOptions(
-            model=model, resolution=random_size, dtype=dtype, quantize=quantize, group_size=group_size,
-            head_bits=head_bits, vq_dtype=vq_dtype, steps=steps, tokens=tokens, recompute_tokens=recompute_tokens,
-            recompute=not no_recompute, phases=tuple(only) if only else PHASES, low_ram=low_ram, warmup=not no_warmup, tiny=tiny,
+            model=model, resolution=256 if small else int(random_size), dtype=dtype,
+            quantize=spec.bits if spec else None, group_size=spec.group_size if spec else 64,
+            head_bits=spec.head_bits if spec else None, vq_dtype=vq_dtype, steps=steps, tokens=tokens,
+            recompute_tokens=recompute_tokens, recompute=not no_recompute, phases=tuple(only) if only else PHASES,
+            low_ram=low_ram, warmup=not no_warmup, tiny=small,
         ).validate()
         hint = slow_blas_hint()
         if hint:
-            typer.echo(hint, err=True)
-        result = run_bench(opts, log=lambda m: typer.echo(m, err=True))
+            say(hint)
+        result = run_bench(opts, log=say)
         typer.echo(format_table(result))
         if json_out:
             Path(json_out).write_text(json.dumps(result, indent=2, default=str))
-            typer.echo(f"wrote {json_out}", err=True)
+            say(f"wrote {json_out}")
         sys.stdout.flush()
 
 
@@ -641,7 +697,10 @@ def main(preset: Sequence[str] = ()) -> None:
     from .launcher import prepare_process
 
     prepare_process()  # --openblas / SHOWO_OPENBLAS=1 on Linux
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    from .cli_args import ShowoGroup
+
+    app = typer.Typer(cls=ShowoGroup, add_completion=False, pretty_exceptions_enable=False,
+                      context_settings={"help_option_names": ["-h", "--help"]})
     register(app)
     app(args=[*preset, *sys.argv[1:]])
 

@@ -1,13 +1,25 @@
 """`showo`: the command line.
 
-Every command reports bad input as one line on stderr with exit code 2 (never a traceback), and
-Ctrl-C stops between steps with exit code 130. Image outputs are PNGs whose text chunks record the
-prompt, seed, steps, guidance, schedule, model and version.
+Conventions (the tools Mac users already know: mlx-lm, mlx-vlm, mflux):
+
+* `-h/--help` and `showo --version`; usage lines name positionals in capitals; every option's help
+  gives its default; every command's help ends with examples.
+* Short options follow mlx-lm: `-p` prompt, `-m` max tokens (text commands), `-q` quantize (a switch,
+  with `--q-bits/--q-group-size/--q-head-bits`). `--model` has no short form, so `-m` has one
+  meaning everywhere. `--temp` = `--temperature` for text; `--prompt/-p`, `--image` (and `--mask`)
+  can replace the positionals.
+* `--seed 1 2 3` (mflux), `--seed 1 --seed 2` and `--seed 1,2` are all one image per seed; stray
+  words after a switch or after the seeds are refused, never turned into prompts (cli_args.py).
+* Outputs: `image.png`, then `image_1.png`, … (the default never overwrites); `{seed}`/`{i}` in
+  `--output`; every path is checked before the model loads (cli_outputs.py); each image is saved
+  as soon as it is done; PNGs record every setting (metadata.py, `showo info`).
+* Bad input is one line on stderr with exit code 2 (never a traceback); Ctrl-C stops between steps
+  with exit code 130, keeping the images already saved. `--quiet` leaves only results and errors;
+  `--verbose/-v` adds debug notes.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,74 +27,111 @@ from typing import List, Optional
 
 import typer
 
+from . import __version__
+from .cli_args import ShowoGroup
 from .errors import ShowoError
 
 app = typer.Typer(
+    cls=ShowoGroup,
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Show-o on Apple silicon with MLX: generate, inpaint, extend, ask, convert, train.",
     pretty_exceptions_enable=False,
 )
 
-from .cli_common import MODEL_HELP, closing_line, handle_errors
+from .cli_common import (  # noqa: E402 - after `app`, which the registered modules extend
+    MODEL_HELP,
+    QBitsOption,
+    QGroupSizeOption,
+    QHeadBitsOption,
+    QuantizeOption,
+    closing_line,
+    debug,
+    handle_errors,
+    quantize_spec,
+    say,
+    verbosity,
+)
+
+DEFAULT_MODEL = "showlab/show-o"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"showo-mlx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Show-o on Apple silicon with MLX: generate, inpaint, extend, ask, convert, train."""
+
+
+def examples(*lines: str) -> str:
+    """A command's epilog: its examples, one per paragraph (rich help keeps paragraphs)."""
+    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
+
+
+# -- arguments -----------------------------------------------------------------------------------
 def parse_seeds(values: Optional[List[str]]) -> Optional[list[int]]:
     if not values:
         return None
     seeds = []
     for v in values:
         for part in str(v).split(","):
+            if not part:
+                continue
             try:
                 seeds.append(int(part))
             except ValueError:
-                raise ShowoError(f"--seed takes integers, got {part!r}") from None
+                raise ShowoError(f"--seed takes integers from 0 to 2**63 - 1, got {part!r}") from None
     return seeds
 
 
-# -- outputs -------------------------------------------------------------------------------------
-def output_paths(pattern: str, seeds: list, force: bool) -> list[Path]:
-    """Expand {seed} and {i}; several images without a placeholder get _<i> before the suffix."""
-    from .fsutil import ensure_parent
-
-    n = len(seeds)
-    if n > 1 and "{seed}" not in pattern and "{i}" not in pattern:
-        p = Path(pattern)
-        pattern = str(p.with_name(f"{p.stem}_{{i}}{p.suffix or '.png'}"))
-    paths = []
-    for i, seed in enumerate(seeds):
-        try:
-            paths.append(Path(pattern.format(seed=seed, i=i)))
-        except (KeyError, IndexError, ValueError) as e:
-            raise ShowoError(f"--output {pattern!r} has an unknown placeholder ({e}); use {{seed}} and {{i}}") from None
-    if len(set(paths)) != len(paths):
-        raise ShowoError(f"--output {pattern!r} gives the same file for several images; add {{i}} or {{seed}}")
-    for p in paths:
-        if p.suffix.lower() != ".png":
-            raise ShowoError(f"output {p} must end in .png")
-        if p.exists() and not force:
-            raise ShowoError(f"{p} exists; choose another --output or pass --force to overwrite")
-        ensure_parent(p)
-        if not os.access(p.parent, os.W_OK):
-            raise ShowoError(f"cannot write to {p.parent}; choose another --output folder")
-    return paths
+def fill_slots(slots: list[tuple[str, str, Optional[str]]], positionals: list[str]) -> list[str]:
+    """Positional arguments fill the slots their option (--image, --prompt, …) left empty, in order.
+    `slots` holds (NAME, --option, value from the option or None)."""
+    rest, values = [p for p in positionals if p is not None], []
+    for name, option, value in slots:
+        if value is None:
+            if not rest:
+                raise ShowoError(f"missing {name}: give it as an argument or with {option}")
+            value = rest.pop(0)
+        values.append(value)
+    if rest:
+        raise ShowoError(f"unexpected extra argument {rest[0]!r} (its slot was given with an option; quote a text with spaces)")
+    return values
 
 
-def save_images(results, paths: list[Path], model: str) -> None:
-    from .images import save_png
+def check_text_seed(seed: Optional[int]) -> Optional[int]:
+    from .pipeline import check_seed
 
-    for r, p in zip(results, paths):
-        save_png(r.image, p, r.metadata(model))
-        typer.echo(f"saved {p} ({r.image.width}x{r.image.height}, seed {r.metadata(model)['seed']})")
+    return None if seed is None else check_seed(seed)
+
+
+# -- model and progress ------------------------------------------------------------------------
+def load_pipeline(model: Optional[str], dtype: Optional[str], quantize, low_ram: bool = False):
+    """Load the model for a command: Hub id or folder (default showlab/show-o), `quantize` a
+    QuantizeSpec or None (cli_common.quantize_spec)."""
+    from .pipeline import load
+
+    start = time.perf_counter()
+    pipe = load(model or DEFAULT_MODEL, dtype=dtype, quantize=quantize, low_ram=low_ram, log=say)
+    debug(f"model {pipe.model_ref} from {pipe.folder} in {time.perf_counter() - start:.1f} s "
+          f"(dtype {dtype or 'as stored'}, {'quantized at load' if quantize else 'no load-time quantization'})")
+    return pipe
 
 
 class StepProgress:
-    """tqdm over MaskGIT steps (all batches), used as the decode loop's callback."""
+    """tqdm over MaskGIT steps (all batches and windows), used as the decode loop's callback."""
 
-    def __init__(self, total: Optional[int], desc: str):
+    def __init__(self, total: int, desc: str):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+        self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False, disable=verbosity() == 0)
 
     def __call__(self, step, steps, tokens):
         self.bar.update(1)
@@ -97,25 +146,21 @@ class StepProgress:
 class GenerationOptions:
     """The generation options shared by generate, inpaint and extend."""
 
-    def __init__(self, steps, guidance, temperature, schedule, greedy):
+    def __init__(self, steps, guidance, temperature, schedule, greedy, force: bool = False):
         self.overrides = dict(steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
-        precheck(steps, guidance, temperature, schedule)  # before loading gigabytes of weights
+        self.allow_long = force  # --force also lifts the library's bounds on work (steps > 1000)
+        precheck(steps, guidance, temperature, schedule, force)  # before loading gigabytes of weights
 
     def resolve(self, pipe, task: str) -> dict:
         """The model's defaults for `task` with the user's overrides, as keyword arguments."""
-        s = pipe.settings(task, **self.overrides)
-        typer.echo(f"{pipe.name}: {task}, {s.steps} steps, guidance {s.guidance}, schedule {s.schedule}, "
-                   + ("greedy" if s.greedy else f"temperature {s.temperature}"), err=True)
-        return dict(steps=s.steps, guidance=s.guidance, temperature=s.temperature, schedule=s.schedule, greedy=s.greedy)
+        s = pipe.settings(task, allow_long=self.allow_long, **self.overrides)
+        say(f"{pipe.name}: {task}, {s.steps} steps, guidance {s.guidance}, schedule {s.schedule}, "
+            + ("greedy" if s.greedy else f"temperature {s.temperature}"))
+        return dict(steps=s.steps, guidance=s.guidance, temperature=s.temperature, schedule=s.schedule, greedy=bool(s.greedy),
+                    allow_long=self.allow_long)
 
 
-def load_pipeline(model: str, dtype: Optional[str], quantize: Optional[int], low_ram: bool = False):
-    from .pipeline import load
-
-    return load(model, dtype=dtype, quantize=quantize, low_ram=low_ram, log=lambda m: typer.echo(m, err=True))
-
-
-def precheck(steps, guidance, temperature, schedule) -> None:
+def precheck(steps, guidance, temperature, schedule, allow_long: bool = False) -> None:
     """Validate generation options before loading gigabytes of weights."""
     from .pipeline import GenerationSettings
 
@@ -124,81 +169,152 @@ def precheck(steps, guidance, temperature, schedule) -> None:
         guidance if guidance is not None else 0.0,
         temperature if temperature is not None else 0.0,
         schedule or "cosine",
-    ).validate()
+    ).validate(allow_long)
 
 
-# -- commands --------------------------------------------------------------------------------
-Model = typer.Option("showlab/show-o", "--model", "-m", help=MODEL_HELP)
-Steps = typer.Option(None, "--steps", help="MaskGIT steps (default: the model's, see README).")
-Guidance = typer.Option(None, "--guidance", "-g", help="CFG scale s in (1+s)·cond − s·uncond; 0 = off.")
+class Saver:
+    """Saves each image the moment it is ready, to the next planned path."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = list(paths)
+        self.saved: list[Path] = []
+
+    def __call__(self, result) -> None:
+        path = self.paths[len(self.saved)]
+        result.save(path)
+        self.saved.append(path)
+        typer.echo(f"saved {path} ({result.image.width}x{result.image.height}, "
+                   + ("greedy" if result.settings.greedy else f"seed {result.seed}") + ")")
+
+
+# -- shared options ------------------------------------------------------------------------------
+Model = typer.Option(None, "--model", help=MODEL_HELP + " Default: showlab/show-o.")
+Steps = typer.Option(None, "--steps", help="MaskGIT steps (default: the model's: 18 at 256 px, 16 for inpaint/extend, 50 at 512 px); at most 1000 without --force.")
+Guidance = typer.Option(None, "--guidance", "-g", help="CFG scale s in (1+s)·cond − s·uncond; 0 = off (default: the model's: 1.75 at 256 px, 5 at 512 px).")
 Temperature = typer.Option(None, "--temperature", help="Re-masking noise temperature (default 1.0).")
-Schedule = typer.Option(None, "--schedule", help="Mask schedule: cosine, linear, powK (e.g. pow2), sigmoid.")
-Greedy = typer.Option(False, "--greedy", help="Deterministic: argmax sampling, no re-masking noise.")
-Seed = typer.Option(None, "--seed", "-s", help="Seed(s); one image per seed (repeat or comma-separate).")
-Dtype = typer.Option(None, "--dtype", help="Compute dtype: float32, float16, bfloat16.")
-Quantize = typer.Option(None, "--quantize", "-q", help="Quantize the transformer at load time to BITS.")
-Force = typer.Option(False, "--force", help="Overwrite existing outputs.")
-LowRam = typer.Option(False, "--low-ram", help="Least memory: cap MLX's buffer cache, run MAGVIT with minimal headroom, free its encoder after use.")
+Schedule = typer.Option(None, "--schedule", help="Mask schedule: cosine, linear, powK (e.g. pow2), sigmoid (default cosine).")
+Greedy = typer.Option(None, "--greedy", help="Deterministic: argmax sampling, no re-masking noise; off by default.")
+Seed = typer.Option(None, "--seed", "-s", metavar="SEED", help="Seed(s) from 0 to 2**63 - 1, one image each: --seed 1 2 3, repeated or comma-separated (default: random).")
+NumImages = typer.Option(None, "--num-images", "-n", help="Images per prompt, seeds s, s+1, … (default 1).")
+Dtype = typer.Option(None, "--dtype", help="Compute dtype: float32, float16, bfloat16 (default: the folder's).")
+Force = typer.Option(False, "--force", help="Overwrite existing outputs and allow --steps above 1000; off by default.")
+LowRam = typer.Option(False, "--low-ram", help="Least memory: cap MLX's buffer cache, run MAGVIT with minimal headroom, free its encoder after use; off by default.")
+ImageOpt = typer.Option(None, "--image", help="The input image (instead of the IMAGE argument).")
+MaxTokens = typer.Option(100, "--max-tokens", "-m", help="Longest answer in tokens (mlx-lm's -m).")
+TextTemperature = typer.Option(0.0, "--temperature", "--temp", help="Sampling temperature; 0 = greedy, the reference's setting.")
+TopK = typer.Option(0, "--top-k", help="Sample among the k likeliest tokens; 0 = no limit.")
+TopP = typer.Option(0.0, "--top-p", help="Nucleus sampling mass; 0 = off.")
+TextSeed = typer.Option(None, "--seed", help="Sampling seed from 0 to 2**63 - 1 (default: random; unused when greedy).")
 
 
-@app.command()
+def output_option(default: str) -> typer.Option:
+    return typer.Option(None, "--output", "-o", help=f"PNG path; {{seed}} and {{i}} are filled in (default {default}, then "
+                        f"{Path(default).stem}_1.png, … never overwriting).")
+
+
+# -- image commands --------------------------------------------------------------------------------
+@app.command(epilog=examples(
+    'showo generate "a rally car race" --seed 1 2 3',
+    'showo generate "a corgi" -n 4 --steps 18 -o "corgi_{seed}.png"',
+    'showo generate --config-from-metadata image.png --seed 7',
+))
 @handle_errors
 def generate(
-    prompts: List[str] = typer.Argument(..., help="One or more prompts (\"\" is the unconditional prompt)."),
-    model: str = Model,
+    prompts: Optional[List[str]] = typer.Argument(None, metavar="PROMPT", help="One or more prompts (\"\" is the unconditional prompt)."),
+    prompt_opt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", metavar="TEXT", help="A prompt (repeatable), the same as a PROMPT argument."),
+    model: Optional[str] = Model,
     steps: Optional[int] = Steps,
     guidance: Optional[float] = Guidance,
     temperature: Optional[float] = Temperature,
     schedule: Optional[str] = Schedule,
-    greedy: bool = Greedy,
+    greedy: Optional[bool] = Greedy,
     seed: Optional[List[str]] = Seed,
-    num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt (seeds s, s+1, …)."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="PNG path; {seed} and {i} are filled in (default showo_{seed}.png, or showo_{i}_{seed}.png for several prompts)."),
+    num_images: Optional[int] = NumImages,
+    output: Optional[str] = output_option("image.png"),
     batch_size: int = typer.Option(4, "--batch-size", help="Images decoded together."),
+    config_from_metadata: Optional[str] = typer.Option(
+        None, "--config-from-metadata", help="Re-run the settings a showo PNG records; options given here override them (default: none)."),
     dtype: Optional[str] = Dtype,
-    quantize: Optional[int] = Quantize,
+    quantize: bool = QuantizeOption,
+    q_bits: Optional[int] = QBitsOption,
+    q_group_size: Optional[int] = QGroupSizeOption,
+    q_head_bits: Optional[int] = QHeadBitsOption,
     low_ram: bool = LowRam,
     force: bool = Force,
 ):
-    """Text to image."""
+    """Text to image: one PNG per prompt and seed."""
     from .pipeline import _seed_list
 
     start = time.perf_counter()
-    if num_images < 1:
-        raise ShowoError(f"--num-images must be >= 1, got {num_images}")
-    options = GenerationOptions(steps, guidance, temperature, schedule, greedy)
-    seeds = _seed_list(parse_seeds(seed), num_images)
+    prompts = [*(prompts or []), *(prompt_opt or [])]
+    seeds = parse_seeds(seed)
+    spec = quantize_spec(quantize, q_bits, q_group_size, q_head_bits)
+    if config_from_metadata:
+        from .metadata import read_record
+
+        record = read_record(config_from_metadata)
+        if record.get("task") != "generate":
+            raise ShowoError(f"{config_from_metadata} was made by `showo {record.get('task')}`; --config-from-metadata re-runs generate images")
+        prompts = prompts or [record["prompt"]]
+        seeds = seeds if seeds is not None else [record["seed"]]
+        steps, guidance = steps if steps is not None else record["steps"], guidance if guidance is not None else record["guidance"]
+        temperature = temperature if temperature is not None else record["temperature"]
+        schedule, greedy = schedule or record["schedule"], greedy if greedy is not None else record["greedy"]
+        model, dtype = model or record["model"], dtype or record.get("dtype")
+        if spec is None and record.get("quantize"):
+            q = record["quantize"]
+            spec = quantize_spec(True, q.get("bits"), q.get("group_size"), q.get("head_bits"))
+    if not prompts:
+        raise ShowoError("no prompt given: pass PROMPT or --prompt (a prompt that is a number goes after `--`, "
+                         "e.g. showo generate --seed 1 -- 2)")
+    n = 1 if num_images is None else num_images
+    if n < 1:
+        raise ShowoError(f"--num-images must be >= 1, got {n}")
+    options = GenerationOptions(steps, guidance, temperature, schedule, greedy, force)
+    seeds = _seed_list(seeds, n)
     rows = [(p, s) for p in prompts for s in seeds]
-    if output is None:
-        output = "showo_{seed}.png" if len(prompts) == 1 else "showo_{i}_{seed}.png"
-    paths = output_paths(output, [s for _, s in rows], force)
-    pipe = load_pipeline(model, dtype, quantize, low_ram)
+    save = Saver(_plan(output, "image.png", [s for _, s in rows], force))
+    pipe = load_pipeline(model, dtype, spec, low_ram)
     for p in pipe.truncated(prompts):
-        typer.echo(f"note: prompt truncated to the model's 126-token limit: {p[:40]!r}…", err=True)
+        say(f"note: prompt truncated to the model's 126-token limit: {p[:40]!r}…")
     settings = options.resolve(pipe, "generate")
     with StepProgress(settings["steps"] * -(-len(rows) // max(1, batch_size)), "generate") as progress:
-        results = pipe.generate(prompts, seed=seeds, batch_size=batch_size, callback=progress, **settings)
-    save_images(results, paths, pipe.name)
+        pipe.generate(prompts, seed=seeds, batch_size=batch_size, callback=progress, on_image=save, **settings)
     closing_line(start)
 
 
-@app.command()
+def _plan(output: Optional[str], default: str, seeds: list, force: bool) -> list[Path]:
+    from .cli_outputs import plan_outputs
+
+    return plan_outputs(output, default, seeds, force)
+
+
+@app.command(epilog=examples(
+    'showo inpaint photo.png mask.png "a red double-decker bus"',
+    'showo inpaint --image photo.png --mask mask.png -p "a red bus" --seed 1 2 -o "bus_{seed}.png"',
+))
 @handle_errors
 def inpaint(
-    image: str = typer.Argument(..., help="Image to edit."),
-    mask: str = typer.Argument(..., help="Mask image: white = repaint."),
-    prompt: str = typer.Argument(..., help="What to paint in the white region."),
-    model: str = Model,
+    image: Optional[str] = typer.Argument(None, metavar="IMAGE", help="Image to edit."),
+    mask: Optional[str] = typer.Argument(None, metavar="MASK", help="Mask image: white = repaint."),
+    prompt: Optional[str] = typer.Argument(None, metavar="PROMPT", help="What to paint in the white region."),
+    image_opt: Optional[str] = ImageOpt,
+    mask_opt: Optional[str] = typer.Option(None, "--mask", help="The mask image (instead of the MASK argument)."),
+    prompt_opt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt (instead of the PROMPT argument)."),
+    model: Optional[str] = Model,
     steps: Optional[int] = Steps,
     guidance: Optional[float] = Guidance,
     temperature: Optional[float] = Temperature,
     schedule: Optional[str] = Schedule,
-    greedy: bool = Greedy,
+    greedy: Optional[bool] = Greedy,
     seed: Optional[List[str]] = Seed,
-    num_images: int = typer.Option(1, "--num-images", "-n"),
-    output: str = typer.Option("inpaint_{seed}.png", "--output", "-o"),
+    num_images: Optional[int] = NumImages,
+    output: Optional[str] = output_option("inpaint.png"),
     dtype: Optional[str] = Dtype,
-    quantize: Optional[int] = Quantize,
+    quantize: bool = QuantizeOption,
+    q_bits: Optional[int] = QBitsOption,
+    q_group_size: Optional[int] = QGroupSizeOption,
+    q_head_bits: Optional[int] = QHeadBitsOption,
     low_ram: bool = LowRam,
     force: bool = Force,
 ):
@@ -207,35 +323,49 @@ def inpaint(
     from .pipeline import _seed_list
 
     start = time.perf_counter()
-    options = GenerationOptions(steps, guidance, temperature, schedule, greedy)
+    image, mask, prompt = fill_slots([("IMAGE", "--image", image_opt), ("MASK", "--mask", mask_opt), ("PROMPT", "--prompt", prompt_opt)],
+                                     [image, mask, prompt])
+    spec = quantize_spec(quantize, q_bits, q_group_size, q_head_bits)
+    options = GenerationOptions(steps, guidance, temperature, schedule, greedy, force)
     img, msk = load_image(image), load_mask(mask)  # bad files fail before the model loads
-    seeds = _seed_list(parse_seeds(seed), num_images)
-    paths = output_paths(output, seeds, force)
-    pipe = load_pipeline(model, dtype, quantize, low_ram)
+    seeds = _seed_list(parse_seeds(seed), num_images or 1)
+    save = Saver(_plan(output, "inpaint.png", seeds, force))
+    pipe = load_pipeline(model, dtype, spec, low_ram)
     settings = options.resolve(pipe, "inpaint")
     with StepProgress(settings["steps"], "inpaint") as progress:
         results = pipe.inpaint(img, msk, prompt, seed=seeds, callback=progress, **settings)
-    save_images(results, paths, pipe.name)
+    for r in results:
+        save(r)
     closing_line(start)
 
 
-@app.command()
+@app.command(epilog=examples(
+    'showo extend photo.png "a lake" "a forest" -d left -d right',
+    'showo extend photo.png "a wide beach" -d left -d right -n 2 --seed 5',
+    'showo extend --image photo.png -p "the sky" -d up --offset 2',
+))
 @handle_errors
 def extend(
-    image: str = typer.Argument(..., help="Image to extend."),
-    prompts: List[str] = typer.Argument(..., help="One prompt, or one per --direction."),
-    direction: List[str] = typer.Option(..., "--direction", "-d", help="left, right, up or down; repeat to chain."),
-    offset: int = typer.Option(0, "--offset", help="Extra new token columns/rows per step (reference offset)."),
-    model: str = Model,
+    image: Optional[str] = typer.Argument(None, metavar="IMAGE", help="Image to extend."),
+    prompts: Optional[List[str]] = typer.Argument(None, metavar="PROMPT", help="One prompt, or one per --direction."),
+    image_opt: Optional[str] = ImageOpt,
+    prompt_opt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", metavar="TEXT", help="A prompt (repeatable), the same as a PROMPT argument."),
+    direction: List[str] = typer.Option(..., "--direction", "-d", metavar="DIRECTION", help="left, right, up or down; repeat to chain (required)."),
+    offset: int = typer.Option(0, "--offset", help="Extra new token columns/rows per step (the reference's offset)."),
+    model: Optional[str] = Model,
     steps: Optional[int] = Steps,
     guidance: Optional[float] = Guidance,
     temperature: Optional[float] = Temperature,
     schedule: Optional[str] = Schedule,
-    greedy: bool = Greedy,
+    greedy: Optional[bool] = Greedy,
     seed: Optional[List[str]] = Seed,
-    output: str = typer.Option("extend_{seed}.png", "--output", "-o"),
+    num_images: Optional[int] = NumImages,
+    output: Optional[str] = output_option("extend.png"),
     dtype: Optional[str] = Dtype,
-    quantize: Optional[int] = Quantize,
+    quantize: bool = QuantizeOption,
+    q_bits: Optional[int] = QBitsOption,
+    q_group_size: Optional[int] = QGroupSizeOption,
+    q_head_bits: Optional[int] = QHeadBitsOption,
     low_ram: bool = LowRam,
     force: bool = Force,
 ):
@@ -244,151 +374,209 @@ def extend(
     from .pipeline import DIRECTIONS, _seed_list
 
     start = time.perf_counter()
+    positionals = [p for p in [image, *(prompts or [])] if p is not None]
+    if image_opt is None:
+        if not positionals:
+            raise ShowoError("missing IMAGE: give it as an argument or with --image")
+        image_opt, positionals = positionals[0], positionals[1:]
+    prompts = [*positionals, *(prompt_opt or [])]
+    if not prompts:
+        raise ShowoError("missing PROMPT: give one prompt, or one per --direction")
     bad = [d for d in direction if d.lower() not in DIRECTIONS]
     if bad:
         raise ShowoError(f"unknown direction {bad[0]!r}; choose from {', '.join(DIRECTIONS)}")
-    options = GenerationOptions(steps, guidance, temperature, schedule, greedy)
-    img = load_image(image)
-    seeds = _seed_list(parse_seeds(seed), 1)
-    paths = output_paths(output, seeds, force)
-    pipe = load_pipeline(model, dtype, quantize, low_ram)
+    spec = quantize_spec(quantize, q_bits, q_group_size, q_head_bits)
+    options = GenerationOptions(steps, guidance, temperature, schedule, greedy, force)
+    img = load_image(image_opt)
+    seeds = _seed_list(parse_seeds(seed), num_images or 1)
+    save = Saver(_plan(output, "extend.png", seeds, force))
+    pipe = load_pipeline(model, dtype, spec, low_ram)
     settings = options.resolve(pipe, "extend")
-    results = []
-    for sd in seeds:
-        with StepProgress(None, "extend") as progress:  # windows per step depend on the canvas shape
-            results += pipe.extrapolate(img, prompts, direction, offset=offset, seed=sd, callback=progress, **settings)
-    save_images(results, paths, pipe.name)
+    total = settings["steps"] * pipe.extension_window_count(direction, offset) * len(seeds)
+    with StepProgress(total, "extend") as progress:
+        for sd in seeds:
+            for r in pipe.extrapolate(img, prompts, direction, offset=offset, seed=sd, callback=progress, **settings):
+                save(r)
     closing_line(start)
 
 
-def _stream_out(pieces) -> str:
-    text = []
-    for piece in pieces:
-        text.append(piece)
-        typer.echo(piece, nl=False)
+# -- text commands ---------------------------------------------------------------------------------
+def _stream_out(responses):
+    """Print the streamed text on stdout; return the last response (its statistics)."""
+    last = None
+    for last in responses:
+        typer.echo(last, nl=False)
         sys.stdout.flush()
     typer.echo("")
-    return "".join(text)
+    return last
 
 
-@app.command()
+def _summary(last) -> None:
+    """mlx-lm's closing lines (on stderr, so stdout holds only the text)."""
+    if last is None:
+        say("No text generated")
+        return
+    say(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+    say(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
+    say(f"Peak memory: {last.peak_memory:.3f} GB")
+
+
+@app.command(epilog=examples(
+    'showo ask photo.png "What is in this image?"',
+    'showo ask --image photo.png --prompt "How many people?" -m 30',
+    'showo ask photo.png "Describe it." --temp 0.7 --top-p 0.9 --seed 3',
+))
 @handle_errors
 def ask(
-    image: str = typer.Argument(..., help="Image to ask about."),
-    question: str = typer.Argument(..., help="The question."),
-    model: str = Model,
-    max_tokens: int = typer.Option(100, "--max-tokens", help="Longest answer in tokens."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the reference's setting)."),
-    top_k: int = typer.Option(0, "--top-k"),
-    top_p: float = typer.Option(0.0, "--top-p"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    image: Optional[str] = typer.Argument(None, metavar="IMAGE", help="Image to ask about."),
+    question: Optional[str] = typer.Argument(None, metavar="QUESTION", help="The question."),
+    image_opt: Optional[str] = ImageOpt,
+    prompt_opt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The question (instead of the QUESTION argument)."),
+    model: Optional[str] = Model,
+    max_tokens: int = MaxTokens,
+    temperature: float = TextTemperature,
+    top_k: int = TopK,
+    top_p: float = TopP,
+    seed: Optional[int] = TextSeed,
     dtype: Optional[str] = Dtype,
-    quantize: Optional[int] = Quantize,
+    quantize: bool = QuantizeOption,
+    q_bits: Optional[int] = QBitsOption,
+    q_group_size: Optional[int] = QGroupSizeOption,
+    q_head_bits: Optional[int] = QHeadBitsOption,
     low_ram: bool = LowRam,
 ):
     """Answer QUESTION about IMAGE (streamed)."""
     from .images import load_image
 
     start = time.perf_counter()
+    image, question = fill_slots([("IMAGE", "--image", image_opt), ("QUESTION", "--prompt", prompt_opt)], [image, question])
+    spec, seed = quantize_spec(quantize, q_bits, q_group_size, q_head_bits), check_text_seed(seed)
     img = load_image(image)
-    pipe = load_pipeline(model, dtype, quantize, low_ram)
-    _stream_out(pipe.stream_ask(img, question, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    pipe = load_pipeline(model, dtype, spec, low_ram)
+    _summary(_stream_out(pipe.stream_ask(img, question, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)))
     closing_line(start)
 
 
-@app.command()
+@app.command(epilog=examples(
+    'showo caption photo.png',
+    'showo caption --image photo.png --max-tokens 60 --temp 0.7 --seed 1',
+))
 @handle_errors
 def caption(
-    image: str = typer.Argument(..., help="Image to describe."),
-    model: str = Model,
-    max_tokens: int = typer.Option(100, "--max-tokens"),
+    image: Optional[str] = typer.Argument(None, metavar="IMAGE", help="Image to describe."),
+    image_opt: Optional[str] = ImageOpt,
+    model: Optional[str] = Model,
+    max_tokens: int = MaxTokens,
+    temperature: float = TextTemperature,
+    top_k: int = TopK,
+    top_p: float = TopP,
+    seed: Optional[int] = TextSeed,
     dtype: Optional[str] = Dtype,
-    quantize: Optional[int] = Quantize,
+    quantize: bool = QuantizeOption,
+    q_bits: Optional[int] = QBitsOption,
+    q_group_size: Optional[int] = QGroupSizeOption,
+    q_head_bits: Optional[int] = QHeadBitsOption,
     low_ram: bool = LowRam,
 ):
-    """Describe IMAGE."""
+    """Describe IMAGE (streamed)."""
     from .images import load_image
     from .pipeline import CAPTION_QUESTION
 
     start = time.perf_counter()
+    (image,) = fill_slots([("IMAGE", "--image", image_opt)], [image])
+    spec, seed = quantize_spec(quantize, q_bits, q_group_size, q_head_bits), check_text_seed(seed)
     img = load_image(image)
-    pipe = load_pipeline(model, dtype, quantize, low_ram)
-    _stream_out(pipe.stream_ask(img, CAPTION_QUESTION, max_tokens=max_tokens))
+    pipe = load_pipeline(model, dtype, spec, low_ram)
+    _summary(_stream_out(pipe.stream_ask(img, CAPTION_QUESTION, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)))
     closing_line(start)
 
 
-@app.command()
+@app.command(epilog=examples(
+    'showo complete "Once upon a time" --max-tokens 60',
+    'showo complete -p "The recipe:" -m 40 --temp 0.8 --seed 2',
+))
 @handle_errors
 def complete(
-    text: str = typer.Argument(..., help="Text to continue."),
-    model: str = Model,
-    max_tokens: int = typer.Option(100, "--max-tokens"),
-    temperature: float = typer.Option(0.0, "--temperature"),
-    top_k: int = typer.Option(0, "--top-k"),
-    top_p: float = typer.Option(0.0, "--top-p"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    text: Optional[str] = typer.Argument(None, metavar="TEXT", help="Text to continue."),
+    prompt_opt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The text (instead of the TEXT argument)."),
+    model: Optional[str] = Model,
+    max_tokens: int = MaxTokens,
+    temperature: float = TextTemperature,
+    top_k: int = TopK,
+    top_p: float = TopP,
+    seed: Optional[int] = TextSeed,
     dtype: Optional[str] = Dtype,
-    quantize: Optional[int] = Quantize,
+    quantize: bool = QuantizeOption,
+    q_bits: Optional[int] = QBitsOption,
+    q_group_size: Optional[int] = QGroupSizeOption,
+    q_head_bits: Optional[int] = QHeadBitsOption,
     low_ram: bool = LowRam,
 ):
     """Continue TEXT (plain language modelling with the KV cache, streamed)."""
     start = time.perf_counter()
-    pipe = load_pipeline(model, dtype, quantize, low_ram)
+    (text,) = fill_slots([("TEXT", "--prompt", prompt_opt)], [text])
+    spec, seed = quantize_spec(quantize, q_bits, q_group_size, q_head_bits), check_text_seed(seed)
+    pipe = load_pipeline(model, dtype, spec, low_ram)
     typer.echo(text, nl=False)
-    _stream_out(pipe.stream_complete(text, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    _summary(_stream_out(pipe.stream_complete(text, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)))
     closing_line(start)
 
 
-@app.command()
+# -- models ---------------------------------------------------------------------------------------
+@app.command(epilog=examples(
+    'showo convert showlab/show-o ./show-o-mlx',
+    'showo convert showlab/show-o ./show-o-4bit -q --q-bits 4 --q-group-size 128 --q-head-bits 4',
+))
 @handle_errors
 def convert(
-    src: str = typer.Argument(..., help="Official checkpoint: Hub id or folder (pytorch_model.safetensors/.bin)."),
-    dst: str = typer.Argument(..., help="Output folder."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default float32; float16 with --quantize)."),
-    quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize the transformer's Linear layers."),
-    q_bits: int = typer.Option(4, "--q-bits", help="Bits: 2, 3, 4, 5, 6 or 8."),
-    q_group_size: int = typer.Option(64, "--q-group-size", help="Group size: 32, 64 or 128."),
-    q_head_bits: Optional[int] = typer.Option(None, "--q-head-bits", help="Also quantize embedding and lm_head at this width."),
+    src: str = typer.Argument(..., metavar="SRC", help="Official checkpoint: Hub id or folder (pytorch_model.safetensors/.bin)."),
+    dst: str = typer.Argument(..., metavar="DST", help="Output folder."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default float32; float16 with -q)."),
+    quantize: bool = QuantizeOption,
+    q_bits: Optional[int] = QBitsOption,
+    q_group_size: Optional[int] = QGroupSizeOption,
+    q_head_bits: Optional[int] = QHeadBitsOption,
     vq: Optional[str] = typer.Option(None, "--vq", help="MAGVIT-v2 folder or Hub id (default showlab/magvitv2)."),
     vq_dtype: Optional[str] = typer.Option(None, "--vq-dtype", help="MAGVIT dtype (default float32, float16 when quantized)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: SRC's, else microsoft/phi-1_5)."),
-    force: bool = typer.Option(False, "--force", help="Replace DST if it is empty or a previous showo-mlx model folder."),
+    force: bool = typer.Option(False, "--force", help="Replace DST only if it is empty or a previous showo-mlx model folder; off by default."),
 ):
     """Convert an official Show-o checkpoint into a showo-mlx folder."""
-    from .convert import QuantizeSpec, check_dtype
+    from .convert import check_dtype
     from .convert import convert as run
 
     start = time.perf_counter()
     if dtype is not None:
         check_dtype(dtype)
-    spec = QuantizeSpec(q_bits, q_group_size, q_head_bits).validate() if quantize else None
-    if not quantize and (q_head_bits is not None):
-        raise ShowoError("--q-head-bits needs --quantize")
-    run(src, dst, dtype=dtype, quantize=spec, vq=vq, vq_dtype=vq_dtype, tokenizer=tokenizer, force=force,
-        log=lambda m: typer.echo(m, err=True))
+    spec = quantize_spec(quantize, q_bits, q_group_size, q_head_bits)
+    run(src, dst, dtype=dtype, quantize=spec, vq=vq, vq_dtype=vq_dtype, tokenizer=tokenizer, force=force, log=say)
     closing_line(start)
 
 
-@app.command()
+@app.command(epilog=examples(
+    'showo reconstruct photo.png rebuilt.png',
+    'showo reconstruct photo.png rebuilt.png --model ./show-o-mlx --force',
+))
 @handle_errors
 def reconstruct(
-    image: str = typer.Argument(..., help="Image to encode and decode."),
-    output: str = typer.Argument(..., help="PNG to write."),
-    model: str = Model,
+    image: str = typer.Argument(..., metavar="IMAGE", help="Image to encode and decode."),
+    output: str = typer.Argument(..., metavar="OUTPUT", help="PNG to write."),
+    model: Optional[str] = Model,
     force: bool = Force,
 ):
     """Encode IMAGE with MAGVIT-v2 and decode it again; prints the code grid and PSNR."""
     import mlx.core as mx
     import numpy as np
 
+    from .config import MagvitConfig, ShowoConfig
     from .images import load_image, preprocess_image, save_png, to_uint8
     from .loading import load_magvit, read_model_config, resolve_model
-    from .config import MagvitConfig, ShowoConfig
 
     start = time.perf_counter()
+    model = model or DEFAULT_MODEL
     img = load_image(image)
-    paths = output_paths(output, [0], force)
-    folder = resolve_model(model, log=lambda m: typer.echo(m, err=True))
+    paths = _plan(output, output, [0], force)
+    folder = resolve_model(model, log=say)
     config = read_model_config(folder)
     grid = ShowoConfig.from_dict(config["showo"]).image_grid
     resolution = grid[0] * MagvitConfig.from_dict(config["magvit"]).downsample_factor
@@ -399,18 +587,20 @@ def reconstruct(
     original, rebuilt = to_uint8(pixels)[0].astype(np.float64), to_uint8(out)[0]
     mse = float(np.mean((original - rebuilt.astype(np.float64)) ** 2))
     psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-    save_png(rebuilt, paths[0], {"source": str(image), "model": model, "task": "reconstruct"})
+    save_png(rebuilt, paths[0], {"source": str(image), "model": model, "task": "reconstruct", "Software": f"showo-mlx {__version__}"})
     typer.echo(f"codes: {grid[0]}x{grid[1]} grid ({codes.shape[1]} tokens); PSNR {psnr:.2f} dB vs the preprocessed input; saved {paths[0]}")
     closing_line(start)
 
 
 def _register_subcommands() -> None:
-    """Commands that live in their own modules: prepare/train/fuse (train/cli.py) and bench."""
+    """Commands that live in their own modules: prepare/train/fuse (train/cli.py), bench, info."""
     from .bench import register as register_bench
+    from .metadata import register as register_info
     from .train.cli import register as register_training
 
     register_training(app)
     register_bench(app)
+    register_info(app)
 
 
 _register_subcommands()

@@ -91,6 +91,42 @@ def last_logits(model: ShowoTransformer, ids: mx.array, **kwargs) -> mx.array:
     return model.lm_head(model.hidden_states(ids, **kwargs)[:, -1, :])
 
 
+class GenerationResponse(str):
+    """One step of a streamed answer, like mlx-lm's `GenerationResponse`: the new text (possibly
+    empty) with the token and running statistics. It *is* that text (a str), so code that prints
+    the pieces or `"".join`s them works unchanged; `.text` gives it as a plain str.
+
+    Fields: `token`, `prompt_tokens`, `prompt_tps` (prefill tokens per second), `generation_tokens`
+    (tokens so far), `generation_tps` (tokens per second since the first one), `peak_memory` (GB,
+    MLX's peak so far), `finish_reason` ("stop" at the end-of-text token, "length" at max_tokens,
+    else None)."""
+
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None
+
+    def __new__(cls, text: str = "", *, token: int = -1, prompt_tokens: int = 0, prompt_tps: float = 0.0,
+                generation_tokens: int = 0, generation_tps: float = 0.0, peak_memory: float = 0.0,
+                finish_reason: str | None = None) -> "GenerationResponse":
+        self = super().__new__(cls, text)
+        self.token, self.prompt_tokens, self.prompt_tps = token, prompt_tokens, prompt_tps
+        self.generation_tokens, self.generation_tps = generation_tokens, generation_tps
+        self.peak_memory, self.finish_reason = peak_memory, finish_reason
+        return self
+
+    @property
+    def text(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return (f"GenerationResponse(text={self.text!r}, token={self.token}, generation_tokens={self.generation_tokens}, "
+                f"finish_reason={self.finish_reason!r})")
+
+
 class IncrementalText:
     """Turns a growing token list into printable increments whose concatenation equals the final
     decoded text. Held back: an incomplete UTF-8 tail (U+FFFD) and a short tail after the last

@@ -29,10 +29,10 @@ def is_integer(value: Any) -> bool:
 def check_seed(seed: Any, what: str = "seed") -> int:
     """A seed as a Python int in [0, 2**63); anything else is a one-line GenerationInputError."""
     if not is_integer(seed):
-        raise GenerationInputError(f"{what} must be an integer in [0, 2**63), got {seed!r}")
+        raise GenerationInputError(f"{what} must be an integer from 0 to 2**63 - 1, got {seed!r}")
     seed = int(seed)
     if not 0 <= seed < SEED_LIMIT:
-        raise GenerationInputError(f"{what} {seed} is out of range; use an integer in [0, 2**63) (0 to {SEED_LIMIT - 1})")
+        raise GenerationInputError(f"{what} {seed} is out of range; use an integer from 0 to 2**63 - 1 ({SEED_LIMIT - 1})")
     return seed
 
 

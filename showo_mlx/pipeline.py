@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -28,7 +28,7 @@ from . import __version__
 from .attention import attention_mask
 from .config import MagvitConfig, ShowoConfig
 from .convert import QuantizeSpec
-from .decoding import IncrementalText, SamplingOptions, generate_tokens
+from .decoding import GenerationResponse, IncrementalText, SamplingOptions, generate_tokens
 from .errors import GenerationInputError, ImageInputError
 from .images import NOTES_KEY, fit_mask, load_image, load_mask, mask_tokens, normalize_mode, preprocess_image, preprocess_mask, to_uint8
 from .layout import Layout
@@ -39,10 +39,11 @@ from .memory import apply_low_ram, drop_encoder, magvit_throttle
 from .prompting import Prompting
 from .t2i import CachedImageLogits, UncondPrefixStore
 
+log = logging.getLogger(__name__)
+
 DIRECTIONS = ("left", "right", "up", "down")
 CAPTION_QUESTION = "Please describe this image in detail."
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +66,9 @@ class GenerationSettings:
 
 @dataclass
 class GeneratedImage:
+    """One generated image with what made it. `save(path)` writes the PNG with its metadata (see
+    showo_mlx/metadata.py: `Software`, `Comment` and a JSON record of every setting)."""
+
     image: Image.Image
     prompt: str
     seed: int | None
@@ -72,23 +76,42 @@ class GeneratedImage:
     codes: np.ndarray
     task: str = "generate"
     extra: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None  # the model as resolved: Hub id (@revision) or absolute folder
+    model_options: dict[str, Any] = field(default_factory=dict)  # load-time dtype / quantization
 
-    def metadata(self, model: str) -> dict[str, str]:
-        """PNG text chunks: enough to reproduce the image."""
+    def record(self, model: str | None = None) -> dict[str, Any]:
+        """Every setting, as the JSON record stored in the PNG (`showo info` prints it)."""
         s = self.settings
-        meta = {
-            "prompt": self.prompt,
-            "seed": "greedy" if s.greedy else str(self.seed),
-            "steps": str(s.steps),
-            "guidance": str(s.guidance),
-            "temperature": str(s.temperature),
-            "schedule": s.schedule,
-            "task": self.task,
-            "model": model,
+        return {
+            "format": 1,
             "software": f"showo-mlx {__version__}",
+            "task": self.task,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "greedy": bool(s.greedy),
+            "steps": s.steps,
+            "guidance": s.guidance,
+            "temperature": s.temperature,
+            "schedule": s.schedule,
+            "model": model or self.model,
+            "dtype": self.model_options.get("dtype"),
+            "quantize": self.model_options.get("quantize"),
+            "width": self.image.width,
+            "height": self.image.height,
+            **self.extra,
         }
-        meta.update({k: str(v) for k, v in self.extra.items()})
-        return meta
+
+    def metadata(self, model: str | None = None) -> dict[str, str]:
+        """PNG text chunks: enough to reproduce the image."""
+        from .metadata import png_text
+
+        return png_text(self.record(model))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the image as a PNG with its metadata (atomically: complete or absent)."""
+        from .images import save_png
+
+        return save_png(self.image, path, self.metadata())
 
 
 def load(
@@ -124,6 +147,7 @@ class Pipeline:
         if low_ram:
             apply_low_ram()
         self.name = name or str(folder)
+        self.load_options = {"dtype": dtype, "quantize": asdict(quantize) if quantize is not None else None}
         self.config = read_model_config(self.folder)
         self.model = load_transformer(self.folder, self.config, dtype=dtype, quantize=quantize)
         self.cfg: ShowoConfig = self.model.config
@@ -138,6 +162,16 @@ class Pipeline:
         self.notes: list[str] = []
 
     # -- parts -------------------------------------------------------------------------------
+    @property
+    def model_ref(self) -> str:
+        """The model as resolved, for metadata: an absolute folder, or the Hub id (with the revision
+        when the loader records one in `name`)."""
+        path = Path(self.name).expanduser()
+        return str(path.resolve()) if path.exists() else self.name
+
+    def _provenance(self) -> dict[str, Any]:
+        return {"model": self.model_ref, "model_options": dict(self.load_options)}
+
     @property
     def grid(self) -> tuple[int, int]:
         return self.cfg.image_grid
@@ -202,8 +236,13 @@ class Pipeline:
 
     def encode_image(self, image: ImageLike) -> np.ndarray:
         """Image → (1, N) MAGVIT codes at the model's resolution (reference preprocessing)."""
+        image = self._pil(image)
+        r = self.resolution
+        if image.size != (r, r):
+            shape = "centre-cropped to a square and resized" if image.width != image.height else "resized"
+            self._note(f"image {image.width}x{image.height} {shape} to {r}x{r}, the model's input size")
         notes: list[str] = []
-        pixels = preprocess_image(self._pil(image), self.resolution, notes=notes)
+        pixels = preprocess_image(image, r, notes=notes)
         for note in notes:
             self._note(note)
         with magvit_throttle(self.low_ram):  # evaluated inside: the throttle only acts on work done there
@@ -279,10 +318,13 @@ class Pipeline:
         batch_size: int = 4,
         callback=None,
         allow_long: bool = False,
+        on_image: Callable[["GeneratedImage"], None] | None = None,
     ) -> list[GeneratedImage]:
         """Text-to-image. Each prompt gets one image per seed; with one seed s and n > 1 the seeds
         are s, s+1, …, s+n-1, so any image can be reproduced alone from its metadata.
-        More than 1000 steps or 1000 images need `allow_long=True`."""
+        More than 1000 steps or 1000 images need `allow_long=True`. `on_image` is called with
+        each image as soon as its batch is decoded (e.g. to save it, so an interrupted run keeps
+        the finished ones)."""
         self.notes = []
         s = self.settings("generate", allow_long=allow_long, steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
         rows = self._rows(prompts, seed, n, allow_long)
@@ -290,10 +332,15 @@ class Pipeline:
         out: list[GeneratedImage] = []
         mask_row = np.full(self.cfg.num_vq_tokens, self.cfg.mask_token_id, dtype=np.int64)
         for chunk in _chunks(rows, batch_size):
+            start = time.perf_counter()
             init = np.tile(mask_row, (len(chunk), 1))
             codes = self._decode_window([p for p, _ in chunk], init, [sd for _, sd in chunk], s, callback)
-            for (p, sd), img, c in zip(chunk, self.decode_codes(codes), codes):
-                out.append(GeneratedImage(img, p, sd, s, c))
+            decoded = self.decode_codes(codes)
+            log.debug("batch of %d: %d steps and the MAGVIT decode in %.2f s", len(chunk), s.steps, time.perf_counter() - start)
+            for (p, sd), img, c in zip(chunk, decoded, codes):
+                out.append(GeneratedImage(img, p, sd, s, c, **self._provenance()))
+                if on_image is not None:
+                    on_image(out[-1])
         return out
 
     def inpaint(
@@ -326,7 +373,7 @@ class Pipeline:
         init = np.repeat(tokens, len(rows), axis=0)
         out_codes = self._decode_window([p for p, _ in rows], init, [sd for _, sd in rows], s, callback)
         return [
-            GeneratedImage(img, p, sd, s, c, task="inpaint", extra={"repainted_tokens": int(region.sum())})
+            GeneratedImage(img, p, sd, s, c, task="inpaint", extra={"repainted_tokens": int(region.sum())}, **self._provenance())
             for (p, sd), img, c in zip(rows, self.decode_codes(out_codes), out_codes)
         ]
 
@@ -348,6 +395,7 @@ class Pipeline:
             self._note(f"mask: {note}")
         if not region.any():
             raise ImageInputError("the mask selects no token to repaint (it must be white where to repaint)")
+        self._note(f"mask: {int(region.sum())} of {region.size} image tokens ({self.grid[0]}x{self.grid[1]} grid) will be repainted")
         return region
 
     def extrapolate(
@@ -408,7 +456,16 @@ class Pipeline:
         h, wc = canvas.shape[1:]
         img = self.decode_codes(canvas.reshape(1, -1), shape=(h, wc))[0]
         extra = {"directions": " ".join(directions), "offset": offset, "canvas_tokens": f"{h}x{wc}"}
-        return [GeneratedImage(img, " *** ".join(prompts), seed, s, canvas.reshape(-1), task="extend", extra=extra)]
+        return [GeneratedImage(img, " *** ".join(prompts), seed, s, canvas.reshape(-1), task="extend", extra=extra, **self._provenance())]
+
+    def extension_window_count(self, directions: Sequence[str], offset: int = 0) -> int:
+        """How many MaskGIT windows `extrapolate` runs for these directions (progress totals)."""
+        w, shape, count = self.grid[0], (self.grid[0], self.grid[0]), 0
+        for d in (d.lower() for d in directions):
+            m = w // 2 + offset
+            shape = (shape[0], shape[1] + m) if d in ("left", "right") else (shape[0] + m, shape[1])
+            count += len(extension_windows(shape, d, w))
+        return count
 
     # -- text out ------------------------------------------------------------------------------
     def stream_ask(
@@ -421,8 +478,13 @@ class Pipeline:
         top_k: int = 0,
         top_p: float = 0.0,
         seed: int | None = None,
-    ) -> Iterator[str]:
-        """Answer a question about an image, yielding text as it is decoded (spec §4.4, §6.9).
+    ) -> Iterator[GenerationResponse]:
+        """Answer a question about an image, yielding the text as it is decoded (the reference's
+        `inference_mmu.py` prompt and `Showo.mmu_generate` loop, with a KV cache).
+
+        Each item is a `GenerationResponse`: a str (the new text, possibly empty) that also carries
+        mlx-lm's fields `.text`, `.token`, `.prompt_tokens`, `.prompt_tps`, `.generation_tokens`,
+        `.generation_tps`, `.peak_memory` and `.finish_reason`; `"".join(...)` is the answer.
 
         The prompt (image tokens + question) must leave room for an answer in the model's
         `max_position_embeddings` (2048) positions: a longer question is refused (the reference
@@ -446,10 +508,10 @@ class Pipeline:
 
     def stream_complete(
         self, text: str, *, max_tokens: int = 100, temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int | None = None
-    ) -> Iterator[str]:
-        """Plain language modelling (Phi's text ability): [bos] + tokens, causal. A text that
-        leaves no room in the model's positions is refused; `max_tokens` is lowered to the room
-        left, with a note (as in `stream_ask`)."""
+    ) -> Iterator[GenerationResponse]:
+        """Plain language modelling (Phi's text ability): [bos] + tokens, causal. Yields
+        `GenerationResponse` items, as `stream_ask`. A text that leaves no room in the model's
+        positions is refused; `max_tokens` is lowered to the room left, with a note."""
         self.notes = []
         text = check_text(text, "text")
         options = SamplingOptions(temperature, top_k, top_p, seed).validate()
@@ -485,15 +547,23 @@ class Pipeline:
             self.model, mx.array(ids), mask=mask, max_tokens=max_tokens, stop_ids=[self.prompting.ids.eos], options=options
         )
 
-    def _stream(self, ids, layouts, max_tokens, options) -> Iterator[str]:
+    def _stream(self, ids, layouts, max_tokens, options) -> Iterator[GenerationResponse]:
+        """One response per token, timed as mlx-lm times them: prompt tokens/s over the prefill (up
+        to the first token), generation tokens/s from the first token on."""
         text = IncrementalText(self.prompting.decode)
-        for token in self.answer_tokens(ids, layouts, max_tokens, options):
-            piece = text.add(token)
-            if piece:
-                yield piece
-        rest = text.finish()
-        if rest:
-            yield rest
+        eos, prompt_tokens = self.prompting.ids.eos, int(np.asarray(ids).shape[1])
+        start = time.perf_counter()
+        first = prompt_tps = None
+        for n, token in enumerate(self.answer_tokens(ids, layouts, max_tokens, options), 1):
+            now = time.perf_counter()
+            if first is None:
+                first, prompt_tps = now, prompt_tokens / max(now - start, 1e-9)
+            reason = "stop" if token == eos else "length" if n == max_tokens else None
+            piece = text.add(token) + (text.finish() if reason else "")
+            yield GenerationResponse(
+                piece, token=int(token), prompt_tokens=prompt_tokens, prompt_tps=prompt_tps, generation_tokens=n,
+                generation_tps=n / max(now - first, 1e-9), peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
+            )
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def test_bench_sizes_and_bad_options():
     app = bench_app()
     sizes = CliRunner().invoke(app, ["bench", "--sizes"])
     assert sizes.exit_code == 0 and "float16   128      4-bit" in sizes.output
-    for args in (["--random", "300"], ["--only", "video"], ["--steps", "0"], ["--tokens", "1"], ["--quantize", "7"]):
+    for args in (["--random", "300"], ["--only", "video"], ["--steps", "0"], ["--tokens", "1"], ["-q", "--q-bits", "7"],
+                 ["--q-bits", "4"], ["--random", "tiny"]):
         r = CliRunner().invoke(app, ["bench", *args])
         assert r.exit_code == 2 and r.output.startswith("error:"), (args, r.output)
 
@@ -72,7 +73,7 @@ def test_benchmark_scripts_run_one_phase(script, present, absent):
 
 
 def test_cached_and_recompute_paths_agree_in_one_run():
-    r = bench.run_bench(bench.BenchOptions(tiny=True, steps=4, tokens=12, phases=("t2i", "ask")))
+    r = bench.run_bench(bench.BenchOptions(tiny=True, steps=4, tokens=12, recompute_tokens=None, phases=("t2i", "ask")))
     assert r["t2i"]["codes_identical"], r["t2i"]["codes_differing"]
     assert r["ask"]["tokens_identical"] and r["ask"]["tokens_agree"] == 12
     assert r["ask"]["recompute"]["positions"] == list(range(12))

@@ -69,7 +69,7 @@ def test_generate_two_seeds_with_metadata(run, tmp_path, converted):
         assert meta["seed"] == str(seed)
         assert (meta["steps"], meta["guidance"], meta["schedule"]) == ("2", "1.5", "linear")
         assert meta["model"] == str(converted)
-        assert __version__ in meta["software"]
+        assert meta["Software"] == f"showo-mlx {__version__}"
     assert not np.array_equal(images[0], images[1])
 
 
@@ -92,13 +92,18 @@ def test_generate_batch_of_two_prompts(run, tmp_path):
 
 
 def test_generate_two_prompts_default_output(run, tmp_path):
-    """The default --output (showo_{seed}.png) must not collide when two prompts share the seed."""
+    """The default --output is mflux's: image.png, image_1.png, … and it never overwrites (a second
+    run moves on to the next free numbers)."""
     ok(run("generate", "a red cat", "a blue bird", "--steps", "1"))
-    written = sorted(tmp_path.glob("*.png"))
-    assert len(written) == 2
-    assert sorted(read_png_metadata(p)["prompt"] for p in written) == ["a blue bird", "a red cat"]
-    seeds = {read_png_metadata(p)["seed"] for p in written}
-    assert len(seeds) == 1 and all(next(iter(seeds)) in p.name for p in written)
+    assert files(tmp_path) == ["image.png", "image_1.png"]
+    assert [read_png_metadata(tmp_path / p)["prompt"] for p in ("image.png", "image_1.png")] == ["a red cat", "a blue bird"]
+    seeds = {read_png_metadata(tmp_path / p)["seed"] for p in ("image.png", "image_1.png")}
+    assert len(seeds) == 1
+    before = (tmp_path / "image.png").read_bytes()
+    ok(run("generate", "a green frog", "--steps", "1", "--greedy"))
+    assert files(tmp_path) == ["image.png", "image_1.png", "image_2.png"]
+    assert (tmp_path / "image.png").read_bytes() == before
+    assert read_png_metadata(tmp_path / "image_2.png")["prompt"] == "a green frog"
 
 
 def test_generate_num_images(run, tmp_path):
@@ -148,8 +153,21 @@ def test_inpaint(run, tmp_path):
     assert meta["repainted_tokens"] == str(int(load_npz("preprocess")["mask_tokens"].sum()))
 
 
-def test_extend(run, tmp_path):
+def test_extend(run, tmp_path, monkeypatch):
+    bars = []
+
+    class Counting(cli_module.StepProgress):  # the progress bar's total is the number of steps run
+        def __init__(self, total, desc):
+            super().__init__(total, desc)
+            self.counts = [total, 0]
+            bars.append(self.counts)
+
+        def __call__(self, step, steps, tokens):
+            self.counts[1] += 1
+
+    monkeypatch.setattr(cli_module, "StepProgress", Counting)
     ok(run("extend", IMAGE, "a lake", "-d", "left", "-d", "right", "-d", "down", "--steps", "1", "-s", "0", "-o", "ext.png"))
+    assert bars == [[4, 4]]  # left, right: one window each; down on the 8x16 canvas: two
     mode, size, _ = pixels(tmp_path / "ext.png")
     # 8x8 tokens → left 8x12 → right 8x16 → down 12x16; 16 px per token
     assert (mode, size) == ("RGB", (16 * 16, 12 * 16))
@@ -259,5 +277,5 @@ def test_bad_input_is_caught_before_the_model_loads(run, tmp_path, monkeypatch):
 def test_generate_without_prompts_is_a_usage_error(run, tmp_path):
     r = run("generate", "--steps", "1", "-o", "o.png")
     assert r.exit_code == 2
-    assert "Missing argument" in r.stderr
+    assert r.stderr.startswith("error: no prompt given") and "--prompt" in r.stderr
     assert files(tmp_path) == []

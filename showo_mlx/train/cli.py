@@ -19,14 +19,14 @@ from typing import List, Optional
 
 import typer
 
-from ..cli_common import MODEL_HELP, closing_line, fail, handle_errors
+from ..cli_common import MODEL_HELP, closing_line, fail, handle_errors, say
 from ..errors import DistributedError, TrainingDivergedError
 
 _errors = handle_errors(interrupted="interrupted; the last checkpoint is kept (resume with --resume)")
 
 
 def _echo(message: str) -> None:
-    typer.echo(message, err=True)
+    say(message)  # stderr, silenced by --quiet
 
 
 _done = closing_line
@@ -69,13 +69,13 @@ def _sigterm_interrupts():
 def prepare_command(
     data: str = typer.Argument(..., help="Image-caption folder, JSONL, class folders, .tar shards (glob or {000..009}), or LLaVA JSON."),
     out: Path = typer.Argument(..., help="Output folder for the prepared codes."),
-    model: str = typer.Option("showlab/show-o", "--model", "-m", help=MODEL_HELP),
+    model: str = typer.Option("showlab/show-o", "--model", help=MODEL_HELP),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Image size in pixels (default: the model's)."),
     kind: Optional[str] = typer.Option(None, "--kind", help="pairs, jsonl, classes, tar or llava (default: detected)."),
-    image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder that JSONL/LLaVA image paths are relative to."),
+    image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder that JSONL/LLaVA image paths are relative to (default: the data file's folder)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images encoded at once."),
     shard_size: int = typer.Option(4096, "--shard-size", help="Rows per output shard."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it is empty or a previous `showo prepare` output."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT only if it is empty or a previous `showo prepare` output; off by default."),
 ) -> None:
     """Encode a dataset's images to MAGVIT-v2 codes once, for `showo train`."""
     from .prepare import prepare
@@ -88,15 +88,15 @@ def prepare_command(
 
 def train_command(
     config: Path = typer.Argument(..., help="Training YAML (keys in docs/TRAINING.md; `preset:` picks a reference stage)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    data: Optional[str] = typer.Option(None, "--data", help="Prepared image-caption data (t2i rows)."),
-    mmu_data: Optional[str] = typer.Option(None, "--mmu-data", help="Prepared captions or LLaVA data (mmu rows)."),
-    lm_data: Optional[str] = typer.Option(None, "--lm-data", help="Text .txt/.jsonl (lm rows)."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder (checkpoints, logs, result)."),
-    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters instead of all weights."),
-    resume: bool = typer.Option(False, "--resume", help="Continue this run folder's own run from its last checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Delete the run folder's previous run and start a new one."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key: --set lr=5e-5 (repeatable)."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP + " Default: the config's model."),
+    data: Optional[str] = typer.Option(None, "--data", help="Prepared image-caption data, t2i rows (default: the config's data)."),
+    mmu_data: Optional[str] = typer.Option(None, "--mmu-data", help="Prepared captions or LLaVA data, mmu rows (default: the config's mmu_data)."),
+    lm_data: Optional[str] = typer.Option(None, "--lm-data", help="Text .txt/.jsonl, lm rows (default: the config's lm_data)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder: checkpoints, logs, result (default: the config's output)."),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters instead of all weights; off by default."),
+    resume: bool = typer.Option(False, "--resume", help="Continue this run folder's own run from its last checkpoint; off by default."),
+    force: bool = typer.Option(False, "--force", help="Delete the run folder's previous run and start a new one; off by default."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key: --set lr=5e-5 (repeatable; default: none)."),
 ) -> None:
     """Train or fine-tune Show-o (full or LoRA), on one Mac or several (mlx.launch)."""
     from .config import TrainConfig
@@ -130,8 +130,8 @@ def fuse_command(
     model: str = typer.Argument(..., help="The base model the adapters were trained on. " + MODEL_HELP),
     adapters: Path = typer.Argument(..., help="Adapters folder (RUN/adapters)."),
     out: Path = typer.Argument(..., help="Output model folder."),
-    dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights even if the base was quantized."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it is empty or a previous model folder."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights even if the base was quantized; off by default."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT only if it is empty or a previous model folder; off by default."),
 ) -> None:
     """Merge LoRA adapters into the base weights; the result loads like any converted model."""
     from .lora import fuse
@@ -141,7 +141,17 @@ def fuse_command(
     _done(start)
 
 
+EXAMPLES = {  # shown at the end of each command's help
+    "prepare": "Examples:\n\n  showo prepare my_pictures/ data/my_pictures --model showlab/show-o\n\n"
+               "  showo prepare llava_v1_5_mix665k.json data/mix665k --image-root /data/llava_images",
+    "train": "Examples:\n\n  showo train lora.yaml --model showlab/show-o --lora\n\n"
+             "  showo train lora.yaml --resume --set lr=5e-5",
+    "fuse": "Examples:\n\n  showo fuse showlab/show-o runs/my_lora/adapters models/my-showo\n\n"
+            "  showo fuse ./show-o-4bit runs/my_lora/adapters models/my-showo --dequantize",
+}
+
+
 def register(app: typer.Typer) -> None:
-    app.command("prepare")(_errors(prepare_command))
-    app.command("train")(_errors(train_command))
-    app.command("fuse")(_errors(fuse_command))
+    app.command("prepare", epilog=EXAMPLES["prepare"])(_errors(prepare_command))
+    app.command("train", epilog=EXAMPLES["train"])(_errors(train_command))
+    app.command("fuse", epilog=EXAMPLES["fuse"])(_errors(fuse_command))
