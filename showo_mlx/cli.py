@@ -405,12 +405,19 @@ def reconstruct(
 
 
 def _register_subcommands() -> None:
-    """Commands that live in their own modules: prepare/train/fuse (train/cli.py) and bench."""
+    """Commands that live in their own modules: prepare/train/fuse (train/cli.py), bench and serve (server/cli.py)."""
     from .bench import register as register_bench
     from .train.cli import register as register_training
 
     register_training(app)
     register_bench(app)
+    try:
+        from .server.cli import register as register_server
+    except ModuleNotFoundError as e:  # showo_mlx/server/ left out: no `showo serve`
+        if e.name != f"{__package__}.server":
+            raise
+    else:
+        register_server(app)
 
 
 _register_subcommands()

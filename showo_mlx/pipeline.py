@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -59,6 +59,17 @@ class GenerationSettings:
             raise GenerationInputError(f"temperature must be >= 0, got {self.temperature}")
         check_schedule(self.schedule)
         return self
+
+
+@dataclass(frozen=True)
+class AnswerStats:
+    """What a finished answer stream returns (`StopIteration.value`, or `x = yield from ...`):
+    prompt length in tokens (image tokens included), tokens generated (a final eos included, as
+    the reference returns it) and why it ended: "stop" (eos) or "length" (max_tokens)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
 
 
 @dataclass
@@ -362,12 +373,13 @@ class Pipeline:
         top_k: int = 0,
         top_p: float = 0.0,
         seed: int | None = None,
-    ) -> Iterator[str]:
-        """Answer a question about an image, yielding text as it is decoded (spec §4.4, §6.9)."""
+    ) -> Generator[str, None, AnswerStats]:
+        """Answer a question about an image, yielding text as it is decoded (spec §4.4, §6.9);
+        the generator returns the `AnswerStats`."""
         codes = self.encode_image(image)
         self._release_encoder(keep_decoder=False)
         prompt = self.prompting.mmu_gen(self.prompting.image_ids(codes), question)
-        yield from self._stream(prompt.ids, prompt.layouts, max_tokens, SamplingOptions(temperature, top_k, top_p, seed))
+        return (yield from self._stream(prompt.ids, prompt.layouts, max_tokens, SamplingOptions(temperature, top_k, top_p, seed)))
 
     def ask(self, image: ImageLike, question: str, **kwargs) -> str:
         return "".join(self.stream_ask(image, question, **kwargs))
@@ -377,10 +389,11 @@ class Pipeline:
 
     def stream_complete(
         self, text: str, *, max_tokens: int = 100, temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int | None = None
-    ) -> Iterator[str]:
-        """Plain language modelling (Phi's text ability): [bos] + tokens, causal."""
+    ) -> Generator[str, None, AnswerStats]:
+        """Plain language modelling (Phi's text ability): [bos] + tokens, causal; returns the
+        `AnswerStats` like `stream_ask`."""
         ids = np.asarray([self.prompting._with_bos(self.prompting.encode(text))])
-        yield from self._stream(ids, [Layout(ids.shape[1])], max_tokens, SamplingOptions(temperature, top_k, top_p, seed))
+        return (yield from self._stream(ids, [Layout(ids.shape[1])], max_tokens, SamplingOptions(temperature, top_k, top_p, seed)))
 
     def complete(self, text: str, **kwargs) -> str:
         return "".join(self.stream_complete(text, **kwargs))
@@ -393,7 +406,7 @@ class Pipeline:
             self.model, mx.array(ids), mask=mask, max_tokens=max_tokens, stop_ids=[self.prompting.ids.eos], options=options
         )
 
-    def _stream(self, ids, layouts, max_tokens, options) -> Iterator[str]:
+    def _stream(self, ids, layouts, max_tokens, options) -> Generator[str, None, AnswerStats]:
         text = IncrementalText(self.prompting.decode)
         for token in self.answer_tokens(ids, layouts, max_tokens, options):
             piece = text.add(token)
@@ -402,6 +415,8 @@ class Pipeline:
         rest = text.finish()
         if rest:
             yield rest
+        stopped = bool(text.tokens) and text.tokens[-1] == self.prompting.ids.eos
+        return AnswerStats(int(ids.shape[1]), len(text.tokens), "stop" if stopped else "length")
 
 
 # -- helpers -----------------------------------------------------------------------------------
