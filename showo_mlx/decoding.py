@@ -73,8 +73,8 @@ def generate_tokens(
             mx.async_eval(next_y)
         token = int(y.item())
         yield token
-        if token in stop:
-            return
+        if token in stop or n + 1 == max_tokens:
+            return  # (no token t+1 was queued after the last one)
         y = next_y
 
 

@@ -79,7 +79,8 @@ def live_server(converted, tmp_path_factory):
                         "--max-image-pixels", "70000", "--output-dir", str(out))
     server.output_dir = out
     yield server
-    server.stop()
+    assert server.stop() == 130, "\n".join(server.lines[-10:])  # Ctrl-C: a clean stop, the CLI's exit code
+    assert server.lines[-1] == "stopped"
 
 
 @pytest.fixture(scope="session")

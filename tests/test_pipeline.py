@@ -485,6 +485,10 @@ def test_answer_streams_return_their_stats(pipe, prompting, monkeypatch):
     assert text == pipe.complete("Once upon a time", max_tokens=5)
     assert stats == AnswerStats(1 + len(prompting.encode("Once upon a time")), 5, "length")
 
+    # One token (max_tokens=1 crashed with UnboundLocalError in decoding.generate_tokens).
+    one, stats = _drain(pipe.stream_complete("Once upon a time", max_tokens=1))
+    assert stats.completion_tokens == 1 and one and text.startswith(one)
+
     eos = prompting.ids.eos
     monkeypatch.setattr(pipe, "answer_tokens", lambda ids, layouts, max_tokens, options: iter([5, 6, eos]))
     text, stats = _drain(pipe.stream_complete("Hi", max_tokens=10))

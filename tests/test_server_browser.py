@@ -1,7 +1,8 @@
 """The page at `/` in a real browser: headless Chromium driven through Selenium against the live
 `showo serve`. It types a prompt and sees the preview update and the final image appear (the same
-image the Pipeline makes), then asks about an uploaded image and sees the streamed answer.
-A screenshot is saved to tests/artifacts/server_page.png (ignored by git)."""
+PNG `showo generate` writes), asks about an uploaded image and sees the streamed answer, and
+inpaints under a brush stroke. A screenshot is saved to tests/artifacts/server_page.png (ignored
+by git)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -24,7 +26,7 @@ ARTIFACTS = TESTS / "artifacts"
 CHROMIUM_FLAGS = [
     # This machine's closed network: no background fetches, no QUIC, no first-run services.
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1100,1500",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1100,1900",
 ]
 
 
@@ -116,6 +118,41 @@ def test_page_generates_with_previews_and_answers_about_an_upload(browser, live_
          message="no answer: " + d.find_element(By.ID, "ask-status").text)
     answer = d.find_element(By.ID, "ask-answer").get_attribute("textContent")
     assert answer == served_answer[0]
+
+
+
+def test_page_inpaints_what_the_brush_covers(browser, live_server):
+    """Paint a stroke, inpaint: the mask the page sends is OpenAI's (transparent = repaint) and the
+    server repaints exactly the tokens under the stroke."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from showo_mlx.images import mask_tokens, preprocess_mask
+
+    d = browser
+    d.find_element(By.ID, "edit-file").send_keys(str(IMAGE))
+    wait(d, lambda d: d.execute_script("return document.getElementById('edit-paint').width") == 128, 30)
+    d.execute_script("document.getElementById('edit-brush').value = 64")  # the widest brush: 32 image pixels
+    paint = d.find_element(By.ID, "edit-paint")  # shown at 256 px: 2 screen pixels per image pixel
+    ActionChains(d).move_to_element_with_offset(paint, -100, -100).click_and_hold().move_by_offset(60, 0) \
+        .move_by_offset(0, 40).release().perform()
+    mask_src = d.execute_async_script("brushMask().then(b => { const r = new FileReader(); "
+                                      "r.onload = () => arguments[0](r.result); r.readAsDataURL(b); })")
+    alpha = np.asarray(data_png(mask_src).getchannel("A"))
+    assert alpha.shape == (128, 128) and set(np.unique(alpha)) == {0, 255} and (alpha == 0).sum() > 100
+    cli_mask = Image.fromarray(np.where(alpha < 128, 255, 0).astype(np.uint8), "L")
+    expected_tokens = int(mask_tokens(preprocess_mask(cli_mask, 128), (8, 8)).sum())
+    assert 0 < expected_tokens < 64
+
+    d.find_element(By.ID, "edit-prompt").send_keys("a red square")
+    d.find_element(By.ID, "edit-steps").send_keys("2")
+    d.find_element(By.ID, "edit-button").click()
+    src = wait(d, lambda d: d.find_element(By.ID, "edit-result").get_attribute("src"),
+               message="no inpainted image: " + d.find_element(By.ID, "edit-status").text)
+    out = data_png(src)
+    assert out.size == (128, 128) and out.text["task"] == "inpaint" and out.text["prompt"] == "a red square"
+    assert out.text["repainted_tokens"] == str(expected_tokens)
+    assert d.find_element(By.ID, "edit-preview").get_attribute("data-partials") == "1"
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "server_page.png"

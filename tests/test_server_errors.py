@@ -11,14 +11,11 @@ import json
 import threading
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import REF
 from server_harness import API_KEY, InProcessServer, multipart, request
-from showo_mlx.server.chat import build_prompt, render
-from showo_mlx.server.schemas import Message
 
 IMAGE = REF / "images" / "magvit_in_0.png"
 PHOTO = REF / "images" / "preprocess_in_0.png"
@@ -234,6 +231,8 @@ def test_chat_history_uses_the_instruction_format():
     """With an image, Pipeline.stream_ask wraps the question as "USER: \\n{q} ASSISTANT:"; the
     history inside it follows the phi1.5 template the instruction tuning saw."""
     from showo_mlx.prompting import MMU_QUESTION_TEMPLATE
+    from showo_mlx.server.chat import build_prompt, render
+    from showo_mlx.server.schemas import Message
 
     tiny = png_bytes((4, 4))
     msgs = [Message(role="system", content="Be brief."),

@@ -125,10 +125,7 @@ def create_app(work: WorkQueue, options: ServerOptions) -> FastAPI:
     async def first_event(request: Request, job: Job) -> tuple[str, Any, dict]:
         """Wait for the job to start producing; errors before that become plain 4xx responses."""
         pending: dict = {}
-        try:
-            kind, payload = await next_event(request, job, pending)
-        except ClientGone:
-            raise
+        kind, payload = await next_event(request, job, pending)
         if kind == "error":
             raise payload
         if kind == "cancelled":

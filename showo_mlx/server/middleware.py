@@ -40,6 +40,9 @@ class RequestLog:
 
         try:
             await self.app(scope, receive, logged_send)
+        except Exception:
+            status["code"] = status["code"] or 500  # answered by the app's 500 handler outside
+            raise
         finally:
             code = status["code"] if status["code"] is not None else "-"
             self.log(f"{scope['method']} {scope['path']} {code} {time.perf_counter() - start:.2f}s")

@@ -22,6 +22,8 @@ import time
 import traceback
 from typing import Any, Callable
 
+import mlx.core as mx
+
 from ..errors import ShowoError
 from ..maskgit import GenerationCancelled
 from .errors import APIError
@@ -98,7 +100,7 @@ class WorkQueue:
             raise self._load_error
         return self.pipe
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 15.0) -> None:
         """Cancel whatever is waiting or running and stop the worker."""
         with self._lock:
             if self._running is not None:
@@ -138,6 +140,16 @@ class WorkQueue:
 
     # -- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # MLX needs a thread's streams destroyed by that thread before it ends; left to the
+            # interpreter's exit, the cleanup aborts the process ("terminate called ...").
+            clear = getattr(mx, "clear_streams", None)
+            if clear is not None:
+                clear()
+
+    def _serve(self) -> None:
         try:
             self.pipe = self._loader()
         except BaseException as e:  # reported by start() in the main thread
