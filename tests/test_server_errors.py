@@ -212,6 +212,22 @@ def test_sixteen_clients_and_a_disconnect(live_server, pipe):
     assert live_server.wait_for_line(r"\S+ POST /v1/chat/completions 200 \d+\.\d\ds", since=0)
 
 
+def test_a_client_leaving_an_image_request_stops_it_at_the_next_step(live_server):
+    """A non-streamed 400-step generation (tens of seconds on the fixture model) whose client gives
+    up after a second: the server notices, MaskGIT stops at its next step, the worker is free."""
+    before = health(live_server)["requests"]["cancelled"]
+    conn = http.client.HTTPConnection(live_server.host, live_server.port, timeout=1.0)
+    conn.request("POST", GEN, body=json.dumps({"prompt": "a cat", "steps": 400, "greedy": True}),
+                 headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    with pytest.raises(TimeoutError):
+        conn.getresponse()
+    left_at = time.monotonic()
+    conn.close()
+    assert wait_until(lambda: health(live_server)["requests"]["cancelled"] == before + 1, timeout=10)
+    assert not health(live_server)["queue"]["running"]
+    assert time.monotonic() - left_at < 10  # far less than the 400 steps would take
+
+
 # -- in-process: remote images, and the chat format ------------------------------------------------------
 def test_remote_images_when_allowed(pipe, tmp_path, served_answer):
     (tmp_path / "20250101-000000-0123456789ab.png").write_bytes(IMAGE.read_bytes())
