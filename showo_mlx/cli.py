@@ -593,7 +593,7 @@ def reconstruct(
 
 
 def _register_subcommands() -> None:
-    """Commands that live in their own modules: prepare/train/fuse (train/cli.py), bench, info."""
+    """Commands that live in their own modules: prepare/train/fuse (train/cli.py), bench, info and serve (server/cli.py)."""
     from .bench import register as register_bench
     from .metadata import register as register_info
     from .train.cli import register as register_training
@@ -601,6 +601,13 @@ def _register_subcommands() -> None:
     register_training(app)
     register_bench(app)
     register_info(app)
+    try:
+        from .server.cli import register as register_server
+    except ModuleNotFoundError as e:  # showo_mlx/server/ left out: no `showo serve`
+        if e.name != f"{__package__}.server":
+            raise
+    else:
+        register_server(app)
 
 
 _register_subcommands()

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -62,6 +62,17 @@ class GenerationSettings:
         check_number(self.temperature, "temperature")
         check_schedule(self.schedule)
         return self
+
+
+@dataclass(frozen=True)
+class AnswerStats:
+    """What a finished answer stream returns (`StopIteration.value`, or `x = yield from ...`):
+    prompt length in tokens (image tokens included), tokens generated (a final eos included, as
+    the reference returns it) and why it ended: "stop" (eos) or "length" (max_tokens)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
 
 
 @dataclass
@@ -478,13 +489,14 @@ class Pipeline:
         top_k: int = 0,
         top_p: float = 0.0,
         seed: int | None = None,
-    ) -> Iterator[GenerationResponse]:
+    ) -> Generator[GenerationResponse, None, AnswerStats]:
         """Answer a question about an image, yielding the text as it is decoded (the reference's
         `inference_mmu.py` prompt and `Showo.mmu_generate` loop, with a KV cache).
 
         Each item is a `GenerationResponse`: a str (the new text, possibly empty) that also carries
         mlx-lm's fields `.text`, `.token`, `.prompt_tokens`, `.prompt_tps`, `.generation_tokens`,
-        `.generation_tps`, `.peak_memory` and `.finish_reason`; `"".join(...)` is the answer.
+        `.generation_tps`, `.peak_memory` and `.finish_reason`; `"".join(...)` is the answer. The
+        generator returns the `AnswerStats` (`x = yield from pipe.stream_ask(...)`).
 
         The prompt (image tokens + question) must leave room for an answer in the model's
         `max_position_embeddings` (2048) positions: a longer question is refused (the reference
@@ -498,7 +510,7 @@ class Pipeline:
         codes = self.encode_image(image)
         self._release_encoder(keep_decoder=False)
         prompt = self.prompting.mmu_gen(self.prompting.image_ids(codes), question)
-        yield from self._stream(prompt.ids, prompt.layouts, max_tokens, options)
+        return (yield from self._stream(prompt.ids, prompt.layouts, max_tokens, options))
 
     def ask(self, image: ImageLike, question: str, **kwargs) -> str:
         return "".join(self.stream_ask(image, question, **kwargs))
@@ -508,7 +520,7 @@ class Pipeline:
 
     def stream_complete(
         self, text: str, *, max_tokens: int = 100, temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int | None = None
-    ) -> Iterator[GenerationResponse]:
+    ) -> Generator[GenerationResponse, None, AnswerStats]:
         """Plain language modelling (Phi's text ability): [bos] + tokens, causal. Yields
         `GenerationResponse` items, as `stream_ask`. A text that leaves no room in the model's
         positions is refused; `max_tokens` is lowered to the room left, with a note."""
@@ -517,7 +529,7 @@ class Pipeline:
         options = SamplingOptions(temperature, top_k, top_p, seed).validate()
         ids = np.asarray([self.prompting._with_bos(self.prompting.encode(text))])
         max_tokens = self._answer_budget(ids.shape[1], max_tokens, f"text ({ids.shape[1]} tokens with the leading <|endoftext|>)")
-        yield from self._stream(ids, [Layout(ids.shape[1])], max_tokens, options)
+        return (yield from self._stream(ids, [Layout(ids.shape[1])], max_tokens, options))
 
     def complete(self, text: str, **kwargs) -> str:
         return "".join(self.stream_complete(text, **kwargs))
@@ -547,13 +559,14 @@ class Pipeline:
             self.model, mx.array(ids), mask=mask, max_tokens=max_tokens, stop_ids=[self.prompting.ids.eos], options=options
         )
 
-    def _stream(self, ids, layouts, max_tokens, options) -> Iterator[GenerationResponse]:
+    def _stream(self, ids, layouts, max_tokens, options) -> Generator[GenerationResponse, None, AnswerStats]:
         """One response per token, timed as mlx-lm times them: prompt tokens/s over the prefill (up
-        to the first token), generation tokens/s from the first token on."""
+        to the first token), generation tokens/s from the first token on. Returns the `AnswerStats`."""
         text = IncrementalText(self.prompting.decode)
         eos, prompt_tokens = self.prompting.ids.eos, int(np.asarray(ids).shape[1])
         start = time.perf_counter()
         first = prompt_tps = None
+        n, reason = 0, "length"
         for n, token in enumerate(self.answer_tokens(ids, layouts, max_tokens, options), 1):
             now = time.perf_counter()
             if first is None:
@@ -564,6 +577,7 @@ class Pipeline:
                 piece, token=int(token), prompt_tokens=prompt_tokens, prompt_tps=prompt_tps, generation_tokens=n,
                 generation_tps=n / max(now - first, 1e-9), peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
             )
+        return AnswerStats(prompt_tokens, n, reason or "length")
 
 
 # -- helpers -----------------------------------------------------------------------------------

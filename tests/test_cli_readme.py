@@ -49,7 +49,8 @@ def showo_argv(command: str) -> list[str] | None:
 def readme_commands() -> list[list[str]]:
     text = README.read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    lines = [line for block in blocks for line in block.splitlines() if line.strip()]
+    # a trailing backslash continues a shell command on the next line
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines() if line.strip()]
     inline = [span for span in re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
               if span.startswith("showo ")]
     commands = [argv for argv in map(showo_argv, lines + inline) if argv]
@@ -83,10 +84,10 @@ def test_every_readme_command_parses():
 def test_every_option_the_readme_names_exists():
     text = README.read_text()
     spans = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
-    spans += [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for line in block.splitlines()]
+    spans += [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for line in block.replace("\\\n", " ").splitlines()]
     named = set()
     for span in spans:
-        if span.split()[:1] in (["pip"], ["pytest"], ["sudo"], ["bash"], ["apt-get"]) or "pytest" in span or "apt-get" in span:
+        if span.split()[:1] in (["pip"], ["pytest"], ["sudo"], ["bash"], ["apt-get"], ["curl"]) or "pytest" in span or "apt-get" in span:
             continue  # other tools' options
         named.update(w.split("=")[0] for w in re.findall(r"(?<![\w-])--?[a-z][\w-]*(?:=\S+)?", span))
     named -= {"--hostfile", "--backend"}  # mlx.launch's, on the several-Macs line

@@ -24,7 +24,7 @@ from showo_mlx.errors import GenerationInputError, ImageInputError
 from showo_mlx.layout import Layout
 from showo_mlx.attention import attention_mask
 from showo_mlx.maskgit import GreedyRandomness, ReplayRandomness, cfg_combine, decode_image_tokens
-from showo_mlx.pipeline import extension_windows, grow_canvas
+from showo_mlx.pipeline import AnswerStats, extension_windows, grow_canvas
 from showo_mlx.prompting import Prompt
 from showo_mlx.t2i import CachedImageLogits, RecomputeImageLogits
 
@@ -467,6 +467,32 @@ def test_ask_reproduces_reference_mmu_generate(q, pipe, prompting, cases):
         assert answer == case["decoded_text"][0]
         pieces = list(pipe.stream_ask(image, case["question"], max_tokens=20))
         assert len(pieces) > 1 and "".join(pieces) == answer
+
+
+def _drain(gen):
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(gen))
+        except StopIteration as end:
+            return "".join(pieces), end.value
+
+
+def test_answer_streams_return_their_stats(pipe, prompting, monkeypatch):
+    """stream_complete / stream_ask return AnswerStats: prompt and answer lengths in tokens and
+    whether the answer stopped at eos or at max_tokens (what `showo serve` reports as usage)."""
+    text, stats = _drain(pipe.stream_complete("Once upon a time", max_tokens=5))
+    assert text == pipe.complete("Once upon a time", max_tokens=5)
+    assert stats == AnswerStats(1 + len(prompting.encode("Once upon a time")), 5, "length")
+
+    # One token (max_tokens=1 crashed with UnboundLocalError in decoding.generate_tokens).
+    one, stats = _drain(pipe.stream_complete("Once upon a time", max_tokens=1))
+    assert stats.completion_tokens == 1 and one and text.startswith(one)
+
+    eos = prompting.ids.eos
+    monkeypatch.setattr(pipe, "answer_tokens", lambda ids, layouts, max_tokens, options: iter([5, 6, eos]))
+    text, stats = _drain(pipe.stream_complete("Hi", max_tokens=10))
+    assert text == prompting.decode([5, 6]) and stats == AnswerStats(1 + len(prompting.encode("Hi")), 3, "stop")
 
 
 # ------------------------------------------------------------------------------------------------
