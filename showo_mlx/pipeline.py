@@ -116,14 +116,17 @@ class Pipeline:
         vq_dtype: str | None = None,
         low_ram: bool = False,
         name: str | None = None,
+        model=None,
     ):
+        """`model`: an already loaded transformer of this folder (e.g. the one being trained) used
+        instead of loading the folder's weights again."""
         self.folder = Path(folder)
         self.low_ram = low_ram
         if low_ram:
             apply_low_ram()
         self.name = name or str(folder)
         self.config = read_model_config(self.folder)
-        self.model = load_transformer(self.folder, self.config, dtype=dtype, quantize=quantize)
+        self.model = model if model is not None else load_transformer(self.folder, self.config, dtype=dtype, quantize=quantize)
         self.cfg: ShowoConfig = self.model.config
         self.prompting = Prompting(self.folder, self.cfg)
         self.vq_config = MagvitConfig.from_dict(self.config["magvit"])
@@ -362,10 +365,14 @@ class Pipeline:
         top_k: int = 0,
         top_p: float = 0.0,
         seed: int | None = None,
+        codes: np.ndarray | None = None,
     ) -> Iterator[str]:
-        """Answer a question about an image, yielding text as it is decoded (spec §4.4, §6.9)."""
-        codes = self.encode_image(image)
-        self._release_encoder(keep_decoder=False)
+        """Answer a question about an image, yielding text as it is decoded (spec §4.4, §6.9).
+        `codes`: the image's `encode_image` result, to ask many questions about one image without
+        encoding it each time (`image` is then not read)."""
+        if codes is None:
+            codes = self.encode_image(image)
+            self._release_encoder(keep_decoder=False)
         prompt = self.prompting.mmu_gen(self.prompting.image_ids(codes), question)
         yield from self._stream(prompt.ids, prompt.layouts, max_tokens, SamplingOptions(temperature, top_k, top_p, seed))
 

@@ -27,6 +27,7 @@ class TrainConfig:
     preset: str | None = None
     # -- what to train on
     model: str = "showlab/show-o"
+    init: str | dict | None = None  # build the start from Phi-1.5 instead (stage 1; see train/init.py)
     data: str | None = None  # prepared image-caption data → t2i rows (and mmu rows if mmu_data unset)
     mmu_data: str | None = None  # prepared captions or LLaVA conversations → mmu rows
     lm_data: str | None = None  # .txt / .jsonl documents → lm rows
@@ -79,6 +80,10 @@ class TrainConfig:
     val_guidance: float = 1.5
     val_seed: int = 0
     progress: bool = True
+    # -- benchmark during training (showo_mlx/eval): a VQA set, scored every eval_every steps
+    eval_every: int = 0
+    eval_data: str | None = None
+    eval_limit: int = 200
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -93,6 +98,10 @@ class TrainConfig:
         merged: dict[str, Any] = {}
         if values.get("preset"):
             merged.update(preset_values(values["preset"]))
+        if values.get("model") is not None and values.get("init") is not None:
+            raise TrainingConfigError("init and model are both set: init builds the starting model from Phi-1.5, model names one; keep one")
+        if values.get("model") is not None:
+            merged.pop("init", None)  # an explicit start replaces the preset's Phi-1.5 init
         merged.update(values)
         return cls(**merged).validate()
 
@@ -160,6 +169,18 @@ class TrainConfig:
             self.max_grad_norm = norm
         if self.max_seq_length < 2:
             bad("max_seq_length must be at least 2")
+        if self.init is not None:
+            from .init import InitSpec
+
+            InitSpec.from_value(self.init)
+        for name in ("eval_every", "eval_limit"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                bad(f"{name} must be an integer, got {v!r}")
+        if self.eval_every < 0 or self.eval_limit < 1:
+            bad("eval_every must be >= 0 and eval_limit >= 1")
+        if self.eval_every and not self.eval_data:
+            bad("eval_every needs eval_data (a POPE/MME/GQA folder or Hub dataset id)")
         return self
 
     @property
