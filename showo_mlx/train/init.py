@@ -15,9 +15,10 @@ The reference starts pre-training stage 1 from Phi-1.5 (`models/modeling_showo.p
    padding rows, which are copied too).
 
 The result is written as a converted showo-mlx folder (transformer, MAGVIT-v2, tokenizer), atomically,
-so every command loads it and `showo train` trains it. The new rows come from NumPy's PCG64 seeded
-with `seed`: the same seed gives the same folder on every machine (torch's generator stream itself
-cannot be reproduced outside torch, only its distribution).
+so every command loads it and `showo train` trains it. The new rows come from NumPy's PCG64, one
+stream for the embedding and one for the head, both derived from `seed`: the same seed gives the
+same folder on every machine (torch's generator stream itself cannot be reproduced outside torch,
+only its distribution).
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def _is_buffer(name: str) -> bool:
 
 
 # -- resize_token_embeddings -------------------------------------------------------------------------
-def resized_rows(old: np.ndarray, rows: int, std: float, rng: np.random.Generator, *, zero: bool = False) -> np.ndarray:
+def resized_rows(old: np.ndarray, rows: int, std: float, rng: np.random.Generator | None, *, zero: bool = False) -> np.ndarray:
     """transformers 4.41's resize of an embedding/lm_head matrix (or of the head's bias with
     `zero=True`): rows beyond the old ones drawn from normal(0, std) (bias: 0), the first
     min(old, rows) rows copied. Only the new rows are drawn (the reference draws all and overwrites
@@ -219,13 +220,15 @@ def build_init(spec: InitSpec, out: str | Path, *, force: bool = False, log: Cal
     log(f"building the stage-1 model from {spec.source}: vocabulary {old_rows} → {cfg.vocab_size} rows "
         f"({max(0, cfg.vocab_size - old_rows)} new, normal(0, {std}) with seed {spec.seed})")
 
-    # Embedding first, then the head (the order of transformers' resize), from one seeded stream.
-    rng = np.random.default_rng(spec.seed)
+    # One independent stream per resized matrix, so the draws do not depend on the order of the
+    # tensors in Phi's file.
+    embed_rng, head_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(2))
+    streams = {"model.embed_tokens.weight": embed_rng, "lm_head.weight": head_rng, "lm_head.bias": None}
     weights: dict[str, mx.array] = {}
     for name, array in _phi_tensors(src):
         key = phi_key(name)
-        if name in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"):
-            array = resized_rows(array, cfg.vocab_size, std, rng, zero=name == "lm_head.bias")
+        if name in streams:
+            array = resized_rows(array, cfg.vocab_size, std, streams[name], zero=name == "lm_head.bias")
         weights[key] = mx.array(np.ascontiguousarray(array, dtype=np.float32))
     head = cfg.head_dim
     for i in range(cfg.num_hidden_layers):  # Show-o's per-head QK-LayerNorms: torch's defaults
