@@ -608,6 +608,16 @@ def _register_subcommands() -> None:
             raise
     else:
         register_server(app)
+    from .train.init import register as register_init
+
+    register_init(app)
+    try:  # showo_mlx/eval is a separable package: the other commands work without it
+        from .eval.cli import register as register_eval
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("showo_mlx.eval"):
+            raise
+    else:
+        register_eval(app)
 
 
 _register_subcommands()

@@ -16,6 +16,9 @@ ALLOW_PATTERNS = {
               "tokenizer*", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json"],
     "vq": ["config.json", "pytorch_model*.safetensors*", "pytorch_model*.bin*"],
     "tokenizer": ["tokenizer*", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json"],
+    # microsoft/phi-1_5 for `showo init`: its safetensors weights and tokenizer, never its .bin twin
+    "phi": ["config.json", "model*.safetensors*", "tokenizer*", "vocab.json", "merges.txt", "added_tokens.json",
+            "special_tokens_map.json"],
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -152,7 +152,10 @@ class Pipeline:
         vq_dtype: str | None = None,
         low_ram: bool = False,
         name: str | None = None,
+        model=None,
     ):
+        """`model`: an already loaded transformer of this folder (e.g. the one being trained) used
+        instead of loading the folder's weights again."""
         self.folder = Path(folder)
         self.low_ram = low_ram
         if low_ram:
@@ -160,7 +163,7 @@ class Pipeline:
         self.name = name or str(folder)
         self.load_options = {"dtype": dtype, "quantize": asdict(quantize) if quantize is not None else None}
         self.config = read_model_config(self.folder)
-        self.model = load_transformer(self.folder, self.config, dtype=dtype, quantize=quantize)
+        self.model = model if model is not None else load_transformer(self.folder, self.config, dtype=dtype, quantize=quantize)
         self.cfg: ShowoConfig = self.model.config
         self.prompting = Prompting(self.folder, self.cfg)
         self.vq_config = MagvitConfig.from_dict(self.config["magvit"])
@@ -489,6 +492,7 @@ class Pipeline:
         top_k: int = 0,
         top_p: float = 0.0,
         seed: int | None = None,
+        codes: np.ndarray | None = None,
     ) -> Generator[GenerationResponse, None, AnswerStats]:
         """Answer a question about an image, yielding the text as it is decoded (the reference's
         `inference_mmu.py` prompt and `Showo.mmu_generate` loop, with a KV cache).
@@ -496,7 +500,9 @@ class Pipeline:
         Each item is a `GenerationResponse`: a str (the new text, possibly empty) that also carries
         mlx-lm's fields `.text`, `.token`, `.prompt_tokens`, `.prompt_tps`, `.generation_tokens`,
         `.generation_tps`, `.peak_memory` and `.finish_reason`; `"".join(...)` is the answer. The
-        generator returns the `AnswerStats` (`x = yield from pipe.stream_ask(...)`).
+        generator returns the `AnswerStats` (`x = yield from pipe.stream_ask(...)`). `codes`: the
+        image's `encode_image` result, to ask many questions about one image without encoding it
+        each time (`image` is then not read).
 
         The prompt (image tokens + question) must leave room for an answer in the model's
         `max_position_embeddings` (2048) positions: a longer question is refused (the reference
@@ -507,8 +513,9 @@ class Pipeline:
         length = self.prompting.mmu_length(question, self.cfg.num_vq_tokens)
         n_image = self.cfg.num_vq_tokens
         max_tokens = self._answer_budget(length, max_tokens, f"question's prompt ({n_image} image tokens + {length - n_image} of question and format)")
-        codes = self.encode_image(image)
-        self._release_encoder(keep_decoder=False)
+        if codes is None:
+            codes = self.encode_image(image)
+            self._release_encoder(keep_decoder=False)
         prompt = self.prompting.mmu_gen(self.prompting.image_ids(codes), question)
         return (yield from self._stream(prompt.ids, prompt.layouts, max_tokens, options))
 

@@ -200,10 +200,18 @@ def test_quantize_details_need_the_switch(command, tmp_path, monkeypatch):
 
 # -- conventions: -h, --version, usage, help, examples -------------------------------------------------
 def subcommands():
+    """The app and its commands by name; a group's commands (`showo eval vqa`) as "group sub"."""
     import typer.main
 
     group = typer.main.get_command(app)
-    return group, {name: group.get_command(None, name) for name in group.commands}
+    commands = {}
+    for name in group.commands:
+        command = group.get_command(None, name)
+        if hasattr(command, "commands"):  # a group (typer vendors its own click: no isinstance)
+            commands.update({f"{name} {sub}": command.get_command(None, sub) for sub in command.commands})
+        else:
+            commands[name] = command
+    return group, commands
 
 
 def test_version_and_short_help():
@@ -220,8 +228,9 @@ def option_names(command, hidden: bool = True) -> set[str]:
 def unknown_options(argv: list[str]) -> list[str]:
     """The option tokens of `showo …` argv that its command does not define (static, no help render)."""
     _, commands = subcommands()
-    command = commands[argv[0]]
-    words = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    at = 2 if " ".join(argv[:2]) in commands else 1  # a group's command: `eval vqa ...`
+    command = commands[" ".join(argv[:at])]
+    words = argv[at:argv.index("--")] if "--" in argv else argv[at:]
     flags = [w.split("=", 1)[0] for w in words if w.startswith("-") and len(w) > 1 and not w[1:].isdigit()]
     return [f for f in flags if f not in option_names(command)]
 
@@ -229,9 +238,9 @@ def unknown_options(argv: list[str]) -> list[str]:
 def test_every_command_follows_the_help_conventions():
     _, commands = subcommands()
     assert {"generate", "inpaint", "extend", "ask", "caption", "complete", "convert", "reconstruct", "info",
-            "prepare", "train", "fuse", "bench"} <= set(commands)
+            "prepare", "train", "fuse", "bench", "serve", "init", "eval vqa", "eval geneval"} <= set(commands)
     for name, command in commands.items():
-        r = runner.invoke(app, [name, "-h"], terminal_width=200)
+        r = runner.invoke(app, [*name.split(), "-h"], terminal_width=200)
         assert r.exit_code == 0, (name, r.stderr)
         assert "<bool>" not in r.stdout  # switches show no type
         usage = next(line for line in r.stdout.splitlines() if "Usage:" in line)
@@ -253,7 +262,8 @@ def test_every_command_follows_the_help_conventions():
         examples = [shlex.split(line.strip()) for line in command.epilog.splitlines() if line.strip().startswith("showo ")]
         assert len(examples) >= 2, name
         for example in examples:
-            assert example[1] in commands and not unknown_options(example[1:]), example
+            at = 3 if " ".join(example[1:3]) in commands else 2  # `showo eval vqa ...`
+            assert " ".join(example[1:at]) in commands and not unknown_options(example[1:]), example
     assert unknown_options(["generate", "x", "--no-such-flag"]) == ["--no-such-flag"]  # the check can fail
 
 

@@ -39,6 +39,7 @@ class TrainConfig:
     preset: str | None = None
     # -- what to train on
     model: str = "showlab/show-o"
+    init: str | dict | None = None  # build the start from Phi-1.5 instead (stage 1; see train/init.py)
     data: str | None = None  # prepared image-caption data → t2i rows (and mmu rows if mmu_data unset)
     mmu_data: str | None = None  # prepared captions or LLaVA conversations → mmu rows
     lm_data: str | None = None  # .txt / .jsonl documents → lm rows
@@ -94,6 +95,10 @@ class TrainConfig:
     val_guidance: float = 1.5
     val_seed: int = 0
     progress: bool = True
+    # -- benchmark during training (showo_mlx/eval): a VQA set, scored every eval_every steps
+    eval_every: int = 0
+    eval_data: str | None = None
+    eval_limit: int = 200
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -110,6 +115,10 @@ class TrainConfig:
             raise TrainingConfigError(f"preset must be a preset name, got {_show(values['preset'])}")
         if values.get("preset"):
             merged.update(preset_values(values["preset"]))
+        if values.get("model") is not None and values.get("init") is not None:
+            raise TrainingConfigError("init and model are both set: init builds the starting model from Phi-1.5, model names one; keep one")
+        if values.get("model") is not None:
+            merged.pop("init", None)  # an explicit start replaces the preset's Phi-1.5 init
         merged.update(values)
         return cls(**merged).validate()
 
@@ -211,6 +220,18 @@ class TrainConfig:
         if not 2 <= self.max_seq_length <= MAX_SEQ_LENGTH:
             # The model's own limit (rows must fit its position table) is checked once it is loaded.
             bad(f"max_seq_length must be in [2, {MAX_SEQ_LENGTH}], got {self.max_seq_length}")
+        if self.init is not None:
+            from .init import InitSpec
+
+            InitSpec.from_value(self.init)
+        for name in ("eval_every", "eval_limit"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                bad(f"{name} must be an integer, got {v!r}")
+        if self.eval_every < 0 or self.eval_limit < 1:
+            bad("eval_every must be >= 0 and eval_limit >= 1")
+        if self.eval_every and not self.eval_data:
+            bad("eval_every needs eval_data (a POPE/MME/GQA folder or Hub dataset id)")
         return self
 
     @property

@@ -42,9 +42,9 @@ LOCK_FILE = ".lock"
 RUN_FORMAT = "showo-train-run"
 # Everything a run writes into its folder. --force deletes these and refuses a folder holding
 # anything else, so it can never delete a user's own files.
-RUN_ENTRIES = ("run.json", "status.json", "log.jsonl", "train_config.json", "checkpoints", "samples", "model", "adapters")
+RUN_ENTRIES = ("run.json", "status.json", "log.jsonl", "train_config.json", "checkpoints", "samples", "model", "adapters", "init")
 # Hidden temporaries of atomic writes next to those entries (fsutil: ".<name>.tmp-<pid>-<token>").
-_TEMPORARY = re.compile(r"^\.(%s)\.(tmp|old)-" % "|".join(re.escape(n) for n in RUN_ENTRIES))
+_TEMPORARY = re.compile(r"^\.(%s)\.(tmp|new|old)-" % "|".join(re.escape(n) for n in RUN_ENTRIES))
 
 
 def new_run_id() -> str:
@@ -73,9 +73,10 @@ def _entries(run: Path) -> list[str]:
     return sorted(p.name for p in run.iterdir() if p.name != LOCK_FILE)
 
 
-def check_run_folder(run: Path, *, resume: bool, force: bool) -> None:
+def check_run_folder(run: Path, *, resume: bool, force: bool, built: tuple[str, ...] = ()) -> None:
     """Before anything is loaded: refuse an output that is not a folder, an existing non-empty
-    folder without resume/force, and force on a folder holding files a run does not write."""
+    folder without resume/force, and force on a folder holding files a run does not write.
+    `built`: entries this run has already written during its setup (its `init` start model)."""
     run = Path(run)
     if (run.exists() or run.is_symlink()) and not run.is_dir():
         raise TrainingConfigError(f"output {run} exists and is not a folder; choose a folder for the run")
@@ -84,7 +85,7 @@ def check_run_folder(run: Path, *, resume: bool, force: bool) -> None:
     if resume or not run.is_dir():
         return
     try:
-        entries = _entries(run)
+        entries = [e for e in _entries(run) if e not in built]
     except OSError as e:
         raise OutputWriteError(f"cannot read output folder {run} ({e.strerror or e}); choose another output") from None
     if not entries:
@@ -114,13 +115,14 @@ def _check_creatable(run: Path) -> None:
         raise OutputWriteError(f"cannot create run folder {run}: {parent} is not writable; choose another output")
 
 
-def start_run(run: Path, *, force: bool) -> str:
-    """Make `run` this run's folder: with force, delete the previous run's files; write run.json.
-    Returns the new run id. Call with the folder lock held (`locked`)."""
+def start_run(run: Path, *, force: bool, built: tuple[str, ...] = ()) -> str:
+    """Make `run` this run's folder: with force, delete the previous run's files (not `built`, what
+    this run's setup wrote); write run.json. Returns the new run id. Call with the folder lock held
+    (`locked`)."""
     run = Path(run)
-    check_run_folder(run, resume=False, force=force)  # again, now under the lock
+    check_run_folder(run, resume=False, force=force, built=built)  # again, now under the lock
     if force:
-        for name in _entries(run):
+        for name in (e for e in _entries(run) if e not in built):
             path = run / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)

@@ -192,12 +192,14 @@ class Trainer:
     def _setup_model(self) -> None:
         from ..config import ShowoConfig
         from ..convert import QuantizeSpec, quantize_transformer
-        from ..loading import load_transformer, read_model_config, resolve_model
+        from ..loading import load_transformer, read_model_config
         from ..prompting import Prompting
         from .lora import apply_lora, freeze_for_lora
 
         cfg = self.cfg
-        self.model_folder = resolve_model(cfg.model, log=self.log)
+        from .init import starting_model
+
+        self.model_folder = starting_model(cfg, self.world, self.run_dir, self.log)  # `init:` or `model:`
         self.model_config = read_model_config(self.model_folder)
         showo = ShowoConfig.from_dict({**self.model_config["showo"], "max_seq_length": cfg.max_seq_length})
         row = cfg.max_seq_length + 1 + showo.num_vq_tokens + 2  # a t2i row (batches.py): every row's length
@@ -405,6 +407,8 @@ class Trainer:
                     self.save_checkpoint(rec)
                 if sampler is not None and rec.step % cfg.val_every == 0:
                     sampler(self.model, rec.step, self.run_dir / "samples")
+                if cfg.eval_every and rec.step % cfg.eval_every == 0:
+                    self._benchmark(rec.step)
             if self.callback is not None:
                 self.callback(rec)
         if bar is not None:
@@ -434,7 +438,8 @@ class Trainer:
             self.run_id = self.run_id or runfolder.new_run_id()  # checkpoints from before run ids
             runfolder.adopt_run(self.run_dir, self.run_id)
         else:
-            self.run_id = runfolder.start_run(self.run_dir, force=self.force)
+            built = ("init",) if self.cfg.init is not None else ()  # the start model setup built (train/init.py)
+            self.run_id = runfolder.start_run(self.run_dir, force=self.force, built=built)
         (self.run_dir / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         self._write_status("running", f"resumed at step {self.start_step}" if self.resume else "started")
 
@@ -456,6 +461,14 @@ class Trainer:
             self._write_status(status, " ".join(message.split())[:500], exit_code=code)
         except (OSError, ShowoError):
             pass  # the original error matters more than the status file
+
+    def _benchmark(self, step: int) -> None:
+        """`eval_every`: score the model on `eval_data` and append {"step", "eval"} to log.jsonl."""
+        if getattr(self, "_evaluator", None) is None:
+            from ..eval.during_training import TrainingEvaluator
+
+            self._evaluator = TrainingEvaluator(self.model_folder, self.model, self.cfg.eval_data, limit=self.cfg.eval_limit, log=self.log)
+        self._evaluator(step, self.run_dir / "log.jsonl")
 
     def _bar(self):
         if not (self.cfg.progress and self.world.is_main):
