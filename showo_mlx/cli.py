@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 
 from .cli_common import MODEL_HELP, closing_line, handle_errors
+from .cli_sources import current_sources, model_sources
 
 
 def parse_seeds(values: Optional[List[str]]) -> Optional[list[int]]:
@@ -109,10 +110,12 @@ class GenerationOptions:
         return dict(steps=s.steps, guidance=s.guidance, temperature=s.temperature, schedule=s.schedule, greedy=s.greedy)
 
 
-def load_pipeline(model: str, dtype: Optional[str], quantize: Optional[int], low_ram: bool = False):
+def load_pipeline(model: str, dtype: Optional[str], quantize: Optional[int], low_ram: bool = False, **sources):
+    """load() with the command's --adapter-path/--adapter-scale/--vq/--tokenizer (cli_sources)."""
     from .pipeline import load
 
-    return load(model, dtype=dtype, quantize=quantize, low_ram=low_ram, log=lambda m: typer.echo(m, err=True))
+    sources = {**current_sources(), **sources}
+    return load(model, dtype=dtype, quantize=quantize, low_ram=low_ram, log=lambda m: typer.echo(m, err=True), **sources)
 
 
 def precheck(steps, guidance, temperature, schedule) -> None:
@@ -143,6 +146,7 @@ LowRam = typer.Option(False, "--low-ram", help="Least memory: cap MLX's buffer c
 
 @app.command()
 @handle_errors
+@model_sources
 def generate(
     prompts: List[str] = typer.Argument(..., help="One or more prompts (\"\" is the unconditional prompt)."),
     model: str = Model,
@@ -184,6 +188,7 @@ def generate(
 
 @app.command()
 @handle_errors
+@model_sources
 def inpaint(
     image: str = typer.Argument(..., help="Image to edit."),
     mask: str = typer.Argument(..., help="Mask image: white = repaint."),
@@ -221,6 +226,7 @@ def inpaint(
 
 @app.command()
 @handle_errors
+@model_sources
 def extend(
     image: str = typer.Argument(..., help="Image to extend."),
     prompts: List[str] = typer.Argument(..., help="One prompt, or one per --direction."),
@@ -273,6 +279,7 @@ def _stream_out(pieces) -> str:
 
 @app.command()
 @handle_errors
+@model_sources
 def ask(
     image: str = typer.Argument(..., help="Image to ask about."),
     question: str = typer.Argument(..., help="The question."),
@@ -298,6 +305,7 @@ def ask(
 
 @app.command()
 @handle_errors
+@model_sources
 def caption(
     image: str = typer.Argument(..., help="Image to describe."),
     model: str = Model,
@@ -319,6 +327,7 @@ def caption(
 
 @app.command()
 @handle_errors
+@model_sources
 def complete(
     text: str = typer.Argument(..., help="Text to continue."),
     model: str = Model,
@@ -353,6 +362,7 @@ def convert(
     vq_dtype: Optional[str] = typer.Option(None, "--vq-dtype", help="MAGVIT dtype (default float32, float16 when quantized)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: SRC's, else microsoft/phi-1_5)."),
     force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
+    upload_repo: Optional[str] = typer.Option(None, "--upload-repo", help="Then publish the folder as this Hub repo (owner/name); `--model owner/name` loads it."),
 ):
     """Convert an official Show-o checkpoint into a showo-mlx folder."""
     from .convert import QuantizeSpec, check_dtype
@@ -364,13 +374,22 @@ def convert(
     spec = QuantizeSpec(q_bits, q_group_size, q_head_bits).validate() if quantize else None
     if not quantize and (q_head_bits is not None):
         raise ShowoError("--q-head-bits needs --quantize")
-    run(src, dst, dtype=dtype, quantize=spec, vq=vq, vq_dtype=vq_dtype, tokenizer=tokenizer, force=force,
-        log=lambda m: typer.echo(m, err=True))
+    if upload_repo:
+        from .convert import check_upload_repo
+
+        check_upload_repo(upload_repo)
+    out = run(src, dst, dtype=dtype, quantize=spec, vq=vq, vq_dtype=vq_dtype, tokenizer=tokenizer, force=force,
+              log=lambda m: typer.echo(m, err=True))
+    if upload_repo:
+        from .convert import upload_folder_to_hub
+
+        upload_folder_to_hub(out, upload_repo, log=lambda m: typer.echo(m, err=True))
     closing_line(start)
 
 
 @app.command()
 @handle_errors
+@model_sources(adapters=False)
 def reconstruct(
     image: str = typer.Argument(..., help="Image to encode and decode."),
     output: str = typer.Argument(..., help="PNG to write."),
@@ -388,7 +407,7 @@ def reconstruct(
     start = time.perf_counter()
     img = load_image(image)
     paths = output_paths(output, [0], force)
-    folder = resolve_model(model, log=lambda m: typer.echo(m, err=True))
+    folder = resolve_model(model, log=lambda m: typer.echo(m, err=True), **current_sources(adapters=False))
     config = read_model_config(folder)
     grid = ShowoConfig.from_dict(config["showo"]).image_grid
     resolution = grid[0] * MagvitConfig.from_dict(config["magvit"]).downsample_factor

@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from ..cli_common import MODEL_HELP, closing_line, handle_errors
+from ..cli_sources import current_sources, model_sources
 
 _errors = handle_errors(interrupted="interrupted; the last checkpoint is kept (resume with --resume)")
 
@@ -39,7 +40,7 @@ def prepare_command(
     from .prepare import prepare
 
     start = time.perf_counter()
-    prepare(data, out, model=model, resolution=resolution, kind=kind, image_root=image_root,
+    prepare(data, out, model=_with_sources(model), resolution=resolution, kind=kind, image_root=image_root,
             batch_size=batch_size, shard_size=shard_size, force=force, log=_echo)
     _done(start)
 
@@ -60,9 +61,15 @@ def train_command(
     from .trainer import Trainer
 
     start = time.perf_counter()
-    overrides = {"model": model, "data": data, "mmu_data": mmu_data, "lm_data": lm_data, "output": output,
+    if model is None and current_sources(adapters=False):
+        from ..errors import ShowoError
+
+        raise ShowoError("--vq/--tokenizer need --model on the command line")
+    overrides = {"model": _with_sources(model) if model else model, "data": data, "mmu_data": mmu_data, "lm_data": lm_data, "output": output,
                  "fine_tune": "lora" if lora else None}
     cfg = TrainConfig.load(config, overrides, set_ or [])
+    for note in getattr(cfg, "notes", []):
+        _echo(f"note: {note}")
     trainer = Trainer(cfg, resume=resume, log=_echo)
     result = trainer.run()
     if trainer.world.is_main:
@@ -76,21 +83,50 @@ def train_command(
 
 
 def fuse_command(
-    model: str = typer.Argument(..., help="The base model the adapters were trained on. " + MODEL_HELP),
-    adapters: Path = typer.Argument(..., help="Adapters folder (RUN/adapters)."),
-    out: Path = typer.Argument(..., help="Output model folder."),
+    model: Optional[str] = typer.Argument(None, metavar="MODEL", help="The base model the adapters were trained on. " + MODEL_HELP),
+    adapters: Optional[Path] = typer.Argument(None, metavar="ADAPTERS", help="Adapters folder (RUN/adapters)."),
+    out: Optional[Path] = typer.Argument(None, metavar="OUT", help="Output model folder."),
+    model_opt: Optional[str] = typer.Option(None, "--model", help="The base model, as MODEL (mlx-lm's spelling)."),
+    adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="The adapters folder, as ADAPTERS (mlx-lm's spelling)."),
+    save_path: Optional[Path] = typer.Option(None, "--save-path", help="The output folder, as OUT (mlx-lm's spelling)."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights even if the base was quantized."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
-    """Merge LoRA adapters into the base weights; the result loads like any converted model."""
+    """Merge LoRA adapters into the base weights (MODEL ADAPTERS OUT, or mlx-lm's --model/--adapter-path/--save-path); the result loads like any converted model."""
     from .lora import fuse
 
+    model = _one_of("MODEL", model, "--model", model_opt)
+    adapters = _one_of("ADAPTERS", adapters, "--adapter-path", adapter_path)
+    out = _one_of("OUT", out, "--save-path", save_path)
     start = time.perf_counter()
-    fuse(model, adapters, out, dequantize=dequantize, force=force, log=_echo)
+    fuse(_with_sources(model), adapters, out, dequantize=dequantize, force=force, log=_echo)
     _done(start)
 
 
+def _one_of(name: str, positional, option_name: str, option):
+    """A value given as a positional or as its mlx-lm option (not two different ones)."""
+    from ..errors import ShowoError
+
+    if positional is not None and option is not None and str(positional) != str(option):
+        raise ShowoError(f"{name} is given twice ({positional} and {option_name} {option}); give it once")
+    value = positional if positional is not None else option
+    if value is None:
+        raise ShowoError(f"missing {name} (or {option_name}); see `showo fuse --help`")
+    return value
+
+
+def _with_sources(model: str) -> str:
+    """With --vq/--tokenizer, the model is resolved (converted) here with them, and its converted
+    folder passed on; without them, `model` as given."""
+    sources = current_sources(adapters=False)
+    if not sources:
+        return model
+    from ..loading import resolve_model
+
+    return str(resolve_model(model, log=_echo, **sources))
+
+
 def register(app: typer.Typer) -> None:
-    app.command("prepare")(_errors(prepare_command))
-    app.command("train")(_errors(train_command))
-    app.command("fuse")(_errors(fuse_command))
+    app.command("prepare")(_errors(model_sources(prepare_command, adapters=False)))
+    app.command("train")(_errors(model_sources(train_command, adapters=False)))
+    app.command("fuse")(_errors(model_sources(fuse_command, adapters=False)))
