@@ -316,6 +316,8 @@ def load_for_inference(
     folder = Path(folder)
     config = config or read_model_config(folder)
     plan = plan or ComputePlan(None, False, None)
+    if adapter_path is None and adapter_scale != 1.0:
+        raise ShowoError("--adapter-scale (adapter_scale) needs --adapter-path (adapter_path): there are no adapters to scale")
     adapters = _read_adapters(adapter_path, adapter_scale) if adapter_path is not None else None
     fingerprint = adapters and adapters.get("base", {}).get("fingerprint")
     if config.get("quantization") and quantize is not None:

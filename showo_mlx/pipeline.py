@@ -110,14 +110,18 @@ def load(
     speed for memory (see memory.py). `adapter_path` applies LoRA adapters written by
     `showo train --lora` (mlx-lm's name), `adapter_scale` scales their effect (1 = as trained).
     `vq` and `tokenizer` say where an official checkpoint's MAGVIT-v2 and tokenizer come from."""
+    import sys
+
     from .launcher import blas_hint_once
 
     if isinstance(quantize, int):
         quantize = QuantizeSpec(bits=quantize)
+    # Notes about speed go to stderr unless the caller routes messages: a script's stdout is its output.
+    note = log if log is not print else (lambda m: print(m, file=sys.stderr))
     folder = resolve_model(model, log=log, vq=vq, tokenizer=tokenizer)
     pipe = Pipeline(folder, dtype=dtype, quantize=quantize, vq_dtype=vq_dtype, low_ram=low_ram, name=str(model),
-                    adapter_path=adapter_path, adapter_scale=adapter_scale, log=log)
-    blas_hint_once(log)  # Linux CPU without OpenBLAS: say how to get ~100x faster matmuls, once
+                    adapter_path=adapter_path, adapter_scale=adapter_scale, log=note)
+    blas_hint_once(note)  # Linux CPU without OpenBLAS: say how to get ~100x faster matmuls, once
     return pipe
 
 

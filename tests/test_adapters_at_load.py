@@ -68,7 +68,9 @@ def test_adapter_path_equals_the_fused_model(converted, adapters, fused, pipe):
     assert 1e-3 < np.abs(half - base).max() < np.abs(want - base).max()
 
 
-def test_adapter_scale_must_be_finite(converted, adapters):
+def test_adapter_scale_must_be_finite_and_have_adapters(converted, adapters):
+    with pytest.raises(ShowoError, match="needs --adapter-path"):
+        Pipeline(converted, adapter_scale=0.5)
     with pytest.raises(ShowoError, match="finite"):
         Pipeline(converted, adapter_path=adapters, adapter_scale=float("nan"))
 

@@ -254,6 +254,7 @@ def test_launcher_is_a_no_op_off_linux_or_without_the_library(monkeypatch, capsy
     launcher.prepare_process(["showo", "--openblas"], {}, execve=fake_execve(calls))
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(launcher, "find_openblas", lambda: None)
+    monkeypatch.setattr(launcher, "_hint_shown", False)  # the hint is once per process; earlier tests may have shown it
     argv = ["showo", "--openblas", "ask"]
     launcher.prepare_process(argv, {}, execve=fake_execve(calls))
     assert not calls and argv == ["showo", "ask"]
