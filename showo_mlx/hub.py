@@ -72,11 +72,10 @@ def download(repo_id: str, kind: str, revision: str | None = None) -> Path:
         raise fetch_error(repo_id, e, kind) from None
 
 
-def fetch_model(repo_id: str) -> Snapshot:
-    """Download a model repo: config.json first, then the files its kind needs (converted showo-mlx
-    folder or official checkpoint), both from the same commit."""
-    folder = download(repo_id, "config")  # one listing call, no per-file retries when offline
-    commit = snapshot_commit(folder)
+def fetch_config(repo_id: str) -> Snapshot:
+    """A model repo's config.json only (one listing call; no per-file retries when offline): which
+    commit the repo is at, and whether it holds a converted showo-mlx folder."""
+    folder = download(repo_id, "config")
     config = folder / "config.json"
     if not config.is_file():
         raise ShowoError(f"{repo_id} has no config.json, so it is not a Show-o model; check the name")
@@ -84,8 +83,19 @@ def fetch_model(repo_id: str) -> Snapshot:
         converted = json.loads(config.read_text()).get("model_type") == "showo"
     except (OSError, ValueError, AttributeError):
         raise ShowoError(f"{repo_id}: its config.json is not valid JSON; is it a Show-o model?") from None
-    path = download(repo_id, "converted" if converted else "model", revision=commit)
-    return Snapshot(repo_id, path, commit, converted)
+    return Snapshot(repo_id, folder, snapshot_commit(folder), converted)
+
+
+def fetch_files(head: Snapshot) -> Snapshot:
+    """The files the repo's kind needs (converted folder or official checkpoint), from the commit
+    `fetch_config` saw."""
+    path = download(head.repo_id, "converted" if head.converted else "model", revision=head.commit)
+    return Snapshot(head.repo_id, path, head.commit, head.converted)
+
+
+def fetch_model(repo_id: str) -> Snapshot:
+    """Download a model repo: config.json first, then the files its kind needs."""
+    return fetch_files(fetch_config(repo_id))
 
 
 def snapshot_commit(folder: Path) -> str | None:

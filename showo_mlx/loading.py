@@ -10,11 +10,13 @@ The conversion cache is keyed on what was converted, so the right model is loade
     converted/<name>-<slot>/   slot = digest of (resolved folder path or Hub repo id, --vq, --tokenizer)
         config.json["source"]["cache_key"]  = the exact inputs: for a folder the size and mtime of
                                               every file conversion reads, for a Hub repo the commit
+                                              (MAGVIT and tokenizer repos: by name)
 
 Two folders with the same name get different slots; a folder whose weights changed, or a Hub repo
 with a new commit, is converted again into its slot (replacing the superseded conversion), and
 conversions of folders that no longer exist are removed, so the cache holds one conversion per
-source in use. Deleting the cache folder is always safe.
+source in use. Deleting the cache folder is always safe; deleting the Hub's copy of a converted
+model is too (without a connection, the last conversion is used).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .convert import (
     quantize_transformer,
 )
 from .errors import CheckpointError, ShowoConfigError, ShowoError
-from .hub import fetch_model, looks_like_repo_id, resolve_source, snapshot_commit
+from .hub import fetch_config, fetch_files, looks_like_repo_id, resolve_source, snapshot_commit
 from .model import ShowoTransformer
 
 DEFAULT_MODEL = "showlab/show-o"
@@ -67,7 +69,10 @@ def resolve_model(
 
     `vq` and `tokenizer` (folders or Hub ids) say where an official checkpoint's MAGVIT-v2 and
     tokenizer come from (default: showlab/magvitv2, and the checkpoint's own tokenizer or
-    microsoft/phi-1_5); a converted model carries its own, so they are refused for one."""
+    microsoft/phi-1_5); a converted model carries its own, so they are refused for one.
+
+    For a Hub id only config.json is fetched (one request) while its conversion is up to date;
+    when the Hub cannot be reached, the last conversion of that repo is used, with a note."""
     path = Path(model).expanduser()
     if path.is_dir() and is_converted(path):
         _refuse_parts_for_converted(path, vq, tokenizer)
@@ -75,45 +80,71 @@ def resolve_model(
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ShowoConfigError(f"{path} has no config.json; pass a Show-o model folder or a Hub id")
-        src_dir, name = path, f"local--{path.resolve().name}"
-        model_id = folder_identity(path)
+        name, model_id, head = f"local--{path.resolve().name}", folder_identity(path), None
     elif looks_like_repo_id(str(model)):
-        snapshot = fetch_model(str(model))  # downloads first: nothing is announced before this works
-        if snapshot.converted:
+        name = str(model).replace("/", "--")
+        try:
+            head = fetch_config(str(model))  # nothing is announced before this works
+        except ShowoError as e:
+            return _last_conversion(str(model), name, vq, tokenizer, e, log)
+        if head.converted:
             _refuse_parts_for_converted(str(model), vq, tokenizer)
-            read_model_config(snapshot.path)  # a newer format fails here, with the fix
-            return snapshot.path
-        src_dir, name = snapshot.path, str(model).replace("/", "--")
-        model_id = {"repo": str(model), "commit": snapshot.commit}
+            folder = fetch_files(head).path  # used in place from the Hub cache
+            read_model_config(folder)  # a newer format fails here, with the fix
+            return folder
+        model_id = {"repo": str(model), "commit": head.commit}
     else:
         raise ShowoError(f"model {model} is neither a folder nor a Hub id (owner/name); check the name")
 
-    vq_dir = resolve_source(vq or _convert.DEFAULT_VQ, kind="vq")
-    if tokenizer is not None:
-        tok_dir = resolve_source(tokenizer, kind="tokenizer")
-    elif _convert._has_tokenizer(src_dir):
-        tok_dir = src_dir
-    else:
-        tok_dir = resolve_source(_convert.DEFAULT_TOKENIZER, kind="tokenizer")
-    key = {
-        "version": CACHE_KEY_VERSION,
-        "model": model_id,
-        "vq": source_identity(vq or _convert.DEFAULT_VQ, vq_dir),
-        "tokenizer": "model" if tok_dir == src_dir else source_identity(tokenizer or _convert.DEFAULT_TOKENIZER, tok_dir),
-    }
-    slot = {"model": model_id.get("path") or model_id.get("repo"), "vq": _spec(vq), "tokenizer": _spec(tokenizer)}
-    target = cache_root() / "converted" / f"{name}-{_digest(slot)}"
+    key = {"version": CACHE_KEY_VERSION, "model": model_id, "vq": part_identity(vq), "tokenizer": part_identity(tokenizer)}
+    target = _slot(name, model_id.get("path") or str(model), vq, tokenizer)
     stored = _stored_key(target)
     if stored == key:
         return target
+    src_dir = path if head is None else fetch_files(head).path
+    vq_dir = resolve_source(vq or _convert.DEFAULT_VQ, kind="vq")
+    tok_dir = resolve_source(tokenizer, kind="tokenizer") if tokenizer is not None else None
+    if tok_dir is None and not _convert._has_tokenizer(src_dir):
+        tok_dir = resolve_source(_convert.DEFAULT_TOKENIZER, kind="tokenizer")
     why = "its inputs changed since it was converted" if stored is not None else "once"
     log(f"converting {model} {why} into {target} (MLX format; later runs reuse it)")
-    record = {"model": str(model), "vq": str(vq or _convert.DEFAULT_VQ), "cache_key": key}
-    if tokenizer is not None:
-        record["tokenizer"] = str(tokenizer)
-    convert(src_dir, target, vq=vq_dir, tokenizer=tok_dir, force=True, log=log, source=record)
+    record = {"model": str(model), "vq": str(vq or _convert.DEFAULT_VQ), "cache_key": key,
+              "vq_commit": snapshot_commit(vq_dir)}
+    if tok_dir is not None:
+        record["tokenizer"] = str(tokenizer or _convert.DEFAULT_TOKENIZER)
+        record["tokenizer_commit"] = snapshot_commit(tok_dir)
+    convert(src_dir, target, vq=vq_dir, tokenizer=tok_dir or src_dir, force=True, log=log, source=record)
     prune_cache(keep=target, log=log)
     return target
+
+
+def _slot(name: str, source: str, vq, tokenizer) -> Path:
+    """The cache folder of one source (resolved folder path or repo id) with its --vq/--tokenizer."""
+    slot = {"model": source, "vq": _spec(vq), "tokenizer": _spec(tokenizer)}
+    return cache_root() / "converted" / f"{name}-{_digest(slot)}"
+
+
+def _last_conversion(repo: str, name: str, vq, tokenizer, error: ShowoError, log) -> Path:
+    """Offline or the Hub unreachable: the existing conversion of `repo`, if there is one."""
+    target = _slot(name, repo, vq, tokenizer)
+    key = _stored_key(target)
+    if key is None or key.get("model", {}).get("repo") != repo:
+        raise error
+    commit = str(key["model"].get("commit") or "?")[:12]
+    log(f"note: could not check the Hub for a newer {repo}; using its conversion of commit {commit} ({target})")
+    return target
+
+
+def part_identity(part: str | Path | None) -> Any:
+    """How a --vq/--tokenizer choice enters the cache key: "default"; a Hub id by name (MAGVIT and
+    tokenizer repos do not change, and a request per run to check them would buy nothing); a local
+    folder by its fingerprint."""
+    if part is None:
+        return "default"
+    local = Path(part).expanduser()
+    if local.is_dir():
+        return folder_identity(local)
+    return {"repo": str(part)}
 
 
 def _refuse_parts_for_converted(model, vq, tokenizer) -> None:
@@ -153,14 +184,6 @@ def folder_identity(folder: Path) -> dict[str, Any]:
         st = p.stat()
         stats.append([p.name, st.st_size, st.st_mtime_ns])
     return {"path": str(folder), "files": stats}
-
-
-def source_identity(spec: str | Path, folder: Path) -> dict[str, Any]:
-    """Identity of a MAGVIT or tokenizer source: Hub id + commit, or a folder's fingerprint."""
-    commit = snapshot_commit(folder)
-    if commit is not None and not Path(spec).expanduser().exists():
-        return {"repo": str(spec), "commit": commit}
-    return folder_identity(folder)
 
 
 def _stored_key(target: Path) -> dict[str, Any] | None:

@@ -140,6 +140,11 @@ def test_hub_repo_with_a_new_commit_is_converted_again(tmp_path, offline_hub, ca
     second = resolve_model("lab/tiny", log=logs.append)
     assert second == first and any("inputs changed" in m for m in logs)
     np.testing.assert_allclose(logits(second), 2 * la, rtol=1e-5, atol=1e-5)
+    assert resolve_model("lab/tiny", log=lambda m: pytest.fail(f"converted again: {m}")) == first
+    shutil.rmtree(offline_hub / "models--lab--tiny")  # the user frees the Hub's copy, still offline
+    logs.clear()
+    assert resolve_model("lab/tiny", log=logs.append) == first
+    assert logs == [f"note: could not check the Hub for a newer lab/tiny; using its conversion of commit {COMMIT_B[:12]} ({first})"]
 
 
 def test_preconverted_hub_repo_loads_in_place_offline(tmp_path, converted, pipe):
