@@ -30,7 +30,7 @@ import re
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -78,8 +78,11 @@ class BenchOptions:
     warmup: bool = True  # False only for memory runs of very slow configurations
     tiny: bool = False  # a scaled-down architecture, for tests
     seed: int = 0
+    sources: dict = field(default_factory=dict)  # --adapter-path/--adapter-scale/--vq/--tokenizer (with --model)
 
     def validate(self) -> "BenchOptions":
+        if self.sources and self.model is None:
+            raise ShowoError(f"--{next(iter(self.sources)).replace('_', '-')} needs --model (random weights have no adapters or sources)")
         if self.model is None and self.resolution not in (256, 512) and not self.tiny:
             raise ShowoError(f"--random takes 256 or 512, got {self.resolution}")
         for name, value in (("steps", self.steps), ("tokens", self.tokens), ("recompute tokens", self.recompute_tokens)):
@@ -182,20 +185,21 @@ def folder_components(opts: BenchOptions) -> Components:
     from .pipeline import Pipeline
 
     spec = QuantizeSpec(opts.quantize, opts.group_size, opts.head_bits) if opts.quantize is not None else None
-    folder = resolve_model(opts.model)
-    pipe = Pipeline(folder, dtype=opts.dtype, quantize=spec, vq_dtype=opts.vq_dtype, name=opts.model)
+    sources = dict(opts.sources)
+    folder = resolve_model(opts.model, vq=sources.pop("vq", None), tokenizer=sources.pop("tokenizer", None))
+    pipe = Pipeline(folder, dtype=opts.dtype, quantize=spec, vq_dtype=opts.vq_dtype, name=opts.model, **sources)
     files = pipe.config.get("files", {})
     disk = {
         "transformer": sum((folder / f).stat().st_size for f in files.get("transformer", ["model.safetensors"])),
         "magvit": (folder / files.get("magvit", "magvit.safetensors")).stat().st_size,
         "folder": folder_size(folder),
     }
-    vq_dtype = opts.vq_dtype or pipe.config.get("magvit_dtype", "float32")
+    vq_dtype = pipe.vq_dtype or pipe.config.get("magvit_dtype", "float32")
 
     def make_vq(with_encoder: bool):
-        return load_magvit(folder, pipe.config, dtype=opts.vq_dtype, with_encoder=with_encoder)
+        return load_magvit(folder, pipe.config, dtype=pipe.vq_dtype, with_encoder=with_encoder)
 
-    dtype = opts.dtype or pipe.config.get("dtype", "float32")
+    dtype = pipe.compute_dtype  # float32 on the CPU backend for half/quantized folders (loading.compute_plan)
     return Components(pipe.model, pipe.prompting, make_vq, str(opts.model), dtype, vq_dtype, disk)
 
 
@@ -631,6 +635,7 @@ def register(app) -> None:
 
     from .cli_args import ShowoCommand
     from .cli_common import QBitsOption, QGroupSizeOption, QHeadBitsOption, QuantizeOption, handle_errors, quantize_spec, say
+    from .cli_sources import current_sources, model_sources
 
     @app.command(cls=ShowoCommand, epilog=(
         "Examples:\n\n"
@@ -640,6 +645,7 @@ def register(app) -> None:
         "  showo bench --model ./show-o-mlx --json bench.json"
     ))
     @handle_errors(interrupted="interrupted")
+    @model_sources
     def bench(
         model: Optional[str] = typer.Option(None, "--model", help="Model folder or Hub id (default: random weights)."),
         random_size: str = typer.Option("256", "--random", help="Random-weight architecture: 256 or 512 px, or small (2 layers, 128 px: seconds, for a quick check)."),
@@ -677,6 +683,7 @@ def register(app) -> None:
             head_bits=spec.head_bits if spec else None, vq_dtype=vq_dtype, steps=steps, tokens=tokens,
             recompute_tokens=recompute_tokens, recompute=not no_recompute, phases=tuple(only) if only else PHASES,
             low_ram=low_ram, warmup=not no_warmup, tiny=small,
+            sources={k: v for k, v in current_sources().items() if (k, v) != ("adapter_scale", 1.0)},
         ).validate()
         hint = slow_blas_hint()
         if hint:

@@ -53,6 +53,7 @@ from .cli_common import (  # noqa: E402 - after `app`, which the registered modu
     say,
     verbosity,
 )
+from .cli_sources import current_sources, model_sources  # noqa: E402
 
 DEFAULT_MODEL = "showlab/show-o"
 
@@ -115,11 +116,12 @@ def check_text_seed(seed: Optional[int]) -> Optional[int]:
 # -- model and progress ------------------------------------------------------------------------
 def load_pipeline(model: Optional[str], dtype: Optional[str], quantize, low_ram: bool = False):
     """Load the model for a command: Hub id or folder (default showlab/show-o), `quantize` a
-    QuantizeSpec or None (cli_common.quantize_spec)."""
+    QuantizeSpec or None (cli_common.quantize_spec), with the command's --adapter-path,
+    --adapter-scale, --vq and --tokenizer (cli_sources.model_sources)."""
     from .pipeline import load
 
     start = time.perf_counter()
-    pipe = load(model or DEFAULT_MODEL, dtype=dtype, quantize=quantize, low_ram=low_ram, log=say)
+    pipe = load(model or DEFAULT_MODEL, dtype=dtype, quantize=quantize, low_ram=low_ram, log=say, **current_sources())
     debug(f"model {pipe.model_ref} from {pipe.folder} in {time.perf_counter() - start:.1f} s "
           f"(dtype {dtype or 'as stored'}, {'quantized at load' if quantize else 'no load-time quantization'})")
     return pipe
@@ -219,6 +221,7 @@ def output_option(default: str) -> typer.Option:
     'showo generate --config-from-metadata image.png --seed 7',
 ))
 @handle_errors
+@model_sources
 def generate(
     prompts: Optional[List[str]] = typer.Argument(None, metavar="PROMPT", help="One or more prompts (\"\" is the unconditional prompt)."),
     prompt_opt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", metavar="TEXT", help="A prompt (repeatable), the same as a PROMPT argument."),
@@ -294,6 +297,7 @@ def _plan(output: Optional[str], default: str, seeds: list, force: bool) -> list
     'showo inpaint --image photo.png --mask mask.png -p "a red bus" --seed 1 2 -o "bus_{seed}.png"',
 ))
 @handle_errors
+@model_sources
 def inpaint(
     image: Optional[str] = typer.Argument(None, metavar="IMAGE", help="Image to edit."),
     mask: Optional[str] = typer.Argument(None, metavar="MASK", help="Mask image: white = repaint."),
@@ -345,6 +349,7 @@ def inpaint(
     'showo extend --image photo.png -p "the sky" -d up --offset 2',
 ))
 @handle_errors
+@model_sources
 def extend(
     image: Optional[str] = typer.Argument(None, metavar="IMAGE", help="Image to extend."),
     prompts: Optional[List[str]] = typer.Argument(None, metavar="PROMPT", help="One prompt, or one per --direction."),
@@ -427,6 +432,7 @@ def _summary(last) -> None:
     'showo ask photo.png "Describe it." --temp 0.7 --top-p 0.9 --seed 3',
 ))
 @handle_errors
+@model_sources
 def ask(
     image: Optional[str] = typer.Argument(None, metavar="IMAGE", help="Image to ask about."),
     question: Optional[str] = typer.Argument(None, metavar="QUESTION", help="The question."),
@@ -462,6 +468,7 @@ def ask(
     'showo caption --image photo.png --max-tokens 60 --temp 0.7 --seed 1',
 ))
 @handle_errors
+@model_sources
 def caption(
     image: Optional[str] = typer.Argument(None, metavar="IMAGE", help="Image to describe."),
     image_opt: Optional[str] = ImageOpt,
@@ -496,6 +503,7 @@ def caption(
     'showo complete -p "The recipe:" -m 40 --temp 0.8 --seed 2',
 ))
 @handle_errors
+@model_sources
 def complete(
     text: Optional[str] = typer.Argument(None, metavar="TEXT", help="Text to continue."),
     prompt_opt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The text (instead of the TEXT argument)."),
@@ -540,6 +548,7 @@ def convert(
     vq_dtype: Optional[str] = typer.Option(None, "--vq-dtype", help="MAGVIT dtype (default float32, float16 when quantized)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: SRC's, else microsoft/phi-1_5)."),
     force: bool = typer.Option(False, "--force", help="Replace DST only if it is empty or a previous showo-mlx model folder; off by default."),
+    upload_repo: Optional[str] = typer.Option(None, "--upload-repo", help="Then publish the folder as this Hub repo (owner/name), which `--model owner/name` loads (default: no upload)."),
 ):
     """Convert an official Show-o checkpoint into a showo-mlx folder."""
     from .convert import check_dtype
@@ -549,7 +558,15 @@ def convert(
     if dtype is not None:
         check_dtype(dtype)
     spec = quantize_spec(quantize, q_bits, q_group_size, q_head_bits)
-    run(src, dst, dtype=dtype, quantize=spec, vq=vq, vq_dtype=vq_dtype, tokenizer=tokenizer, force=force, log=say)
+    if upload_repo:
+        from .convert import check_upload_repo
+
+        check_upload_repo(upload_repo)  # before converting gigabytes
+    out = run(src, dst, dtype=dtype, quantize=spec, vq=vq, vq_dtype=vq_dtype, tokenizer=tokenizer, force=force, log=say)
+    if upload_repo:
+        from .convert import upload_folder_to_hub
+
+        upload_folder_to_hub(out, upload_repo, log=say)
     closing_line(start)
 
 
@@ -558,6 +575,7 @@ def convert(
     'showo reconstruct photo.png rebuilt.png --model ./show-o-mlx --force',
 ))
 @handle_errors
+@model_sources(adapters=False)
 def reconstruct(
     image: str = typer.Argument(..., metavar="IMAGE", help="Image to encode and decode."),
     output: str = typer.Argument(..., metavar="OUTPUT", help="PNG to write."),
@@ -576,7 +594,7 @@ def reconstruct(
     model = model or DEFAULT_MODEL
     img = load_image(image)
     paths = _plan(output, output, [0], force)
-    folder = resolve_model(model, log=say)
+    folder = resolve_model(model, log=say, **current_sources(adapters=False))
     config = read_model_config(folder)
     grid = ShowoConfig.from_dict(config["showo"]).image_grid
     resolution = grid[0] * MagvitConfig.from_dict(config["magvit"]).downsample_factor

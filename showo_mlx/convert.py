@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import __version__
-from .checkpoint_io import find_weight_files, iter_checkpoint
+from .checkpoint_io import check_safetensors, find_weight_files, iter_checkpoint
 from .config import MagvitConfig, ShowoConfig, read_json
 from .errors import CheckpointError, ShowoError
 from .config_schema import check_converted_config
@@ -268,14 +268,19 @@ def convert(
     tokenizer: str | Path | None = None,
     force: bool = False,
     log=print,
+    source: dict[str, Any] | None = None,
 ) -> Path:
     """Convert an official Show-o checkpoint (Hub id or folder) into a showo-mlx folder at `dst`.
+
+    `source` replaces the record of where the inputs came from (config.json's "source"; the model
+    cache stores its key there). An already converted SRC is handled by `convert_converted`.
 
     `dtype` defaults to float32, and to float16 when quantizing: the scales, biases, LayerNorms and
     any unquantized embedding/head are then stored in float16 (1.007 → 0.961 GB for the 4-bit,
     group-128 model), the precision Apple silicon computes quantized matmuls in anyway."""
     from .magvit import MagvitV2
 
+    requested = {"dtype": dtype, "vq_dtype": vq_dtype}  # as given, for an already converted SRC
     dtype = dtype or ("float16" if quantize is not None else "float32")
     target = check_dtype(dtype)
     if quantize is not None:
@@ -288,6 +293,9 @@ def convert(
         raise ShowoError(f"{dst} already exists; choose another destination or pass --force to replace it")
 
     src_dir = resolve_source(src, kind="model")
+    if is_converted(src_dir):
+        return convert_converted(src_dir, dst, quantize=quantize, vq=vq, tokenizer=tokenizer, force=force, log=log,
+                                 **requested)
     vq_dir = resolve_source(vq or DEFAULT_VQ, kind="vq")
     if tokenizer is not None:
         tok_dir = resolve_source(tokenizer, kind="tokenizer")
@@ -314,7 +322,7 @@ def convert(
         "showo_mlx_version": __version__,
         "dtype": dtype,
         "showo": cfg.to_dict(),
-        "source": {"model": str(src), "vq": str(vq or DEFAULT_VQ)},
+        "source": source or {"model": str(src), "vq": str(vq or DEFAULT_VQ)},
     }
     if quantize is not None:
         config["quantization"] = quantize_transformer(model, quantize)
@@ -351,3 +359,145 @@ def folder_size(folder: Path) -> int:
 
 def is_converted(folder: Path) -> bool:
     return has_json_marker(Path(folder), "config.json", "model_type", "showo")
+
+
+# -- a converted SRC: nothing to do, or a new precision ----------------------------------------------
+def convert_converted(
+    src: Path,
+    dst: str | Path,
+    *,
+    dtype: str | None = None,
+    quantize: QuantizeSpec | None = None,
+    vq: str | Path | None = None,
+    vq_dtype: str | None = None,
+    tokenizer: str | Path | None = None,
+    force: bool = False,
+    log=print,
+) -> Path:
+    """SRC is already a showo-mlx folder. Without a new precision there is nothing to do (returns
+    SRC, writes nothing). With `quantize` and/or `dtype`/`vq_dtype` the folder is rewritten into
+    `dst` at that precision: a quantized SRC is dequantized first, so re-quantizing compounds the
+    rounding (converting the official checkpoint again is more accurate)."""
+    from mlx.utils import tree_flatten
+
+    from .loading import load_transformer, read_model_config
+
+    src = Path(src)
+    if vq is not None or tokenizer is not None:
+        raise ShowoError(f"{src} is already converted and carries its own MAGVIT-v2 and tokenizer; "
+                         "--vq/--tokenizer apply to official checkpoints")
+    if quantize is None and dtype is None and vq_dtype is None:
+        log(f"{src} is already converted (showo-mlx format); nothing to do: use it as is (--model {src}), "
+            "or pass -q/--dtype to write it at another precision")
+        return src
+    for name, value in (("dtype", dtype), ("MAGVIT dtype", vq_dtype)):
+        if value is not None and value not in DTYPES:
+            raise ShowoError(f"unsupported {name} {value!r}; choose one of {list(DTYPES)}")
+    if quantize is not None:
+        quantize.validate()
+    dst = check_output_folder(dst, force=force, inputs=(src,), is_previous_output=is_converted, command="`showo convert`")
+    config = read_model_config(src)
+    model = load_transformer(src, config)
+    block = config.get("quantization")
+    if quantize is not None and block:
+        from mlx_lm.utils import dequantize_model
+
+        log(f"{src} is already quantized ({block['bits']} bits): dequantizing it before quantizing again "
+            "(the rounding compounds; converting the official checkpoint is more accurate)")
+        dequantize_model(model)
+        block = None
+    # the defaults of a direct conversion: float16 beside quantized weights, else as stored
+    dtype = dtype or ("float16" if quantize is not None else config.get("dtype", "float32"))
+    if vq_dtype is None and quantize is not None and config.get("magvit_dtype", "float32") == "float32":
+        vq_dtype = "float16"
+    model.set_dtype(check_dtype(dtype))
+    if quantize is not None:
+        block = quantize_transformer(model, quantize)
+        log(f"quantized to {quantize.bits} bits (group {quantize.group_size}, embeddings/head: "
+            f"{quantize.head_bits or 'float'})")
+    out_config = {k: v for k, v in config.items() if k not in ("quantization", "files")}
+    out_config.update(dtype=dtype, showo_mlx_version=__version__,
+                      source={**config.get("source", {}), "rewritten_from": str(src)})
+    if block:
+        out_config["quantization"] = block
+    magvit_file = config.get("files", {}).get("magvit", "magvit.safetensors")
+    with atomic_output_dir(dst, force=force) as tmp:
+        files = save_sharded(tmp, dict(tree_flatten(model.parameters())))
+        check_safetensors(src / magvit_file)  # read, never copied blindly (a link or FIFO in SRC)
+        magvit = mx.load(str(src / magvit_file))
+        if vq_dtype is not None:
+            magvit = {k: v.astype(DTYPES[vq_dtype]) for k, v in magvit.items()}
+            out_config["magvit_dtype"] = vq_dtype
+        mx.save_safetensors(str(tmp / "magvit.safetensors"), magvit, metadata={"format": "mlx"})
+        copy_tokenizer(src, tmp)  # regular files inside SRC only, size-limited (as for an official SRC)
+        out_config["files"] = {"transformer": files, "magvit": "magvit.safetensors"}
+        (tmp / "config.json").write_text(json.dumps(out_config, indent=2))
+    log(f"wrote {dst} ({folder_size(dst) / 1e6:.1f} MB)")
+    return dst
+
+
+# -- publishing --------------------------------------------------------------------------------------
+MODEL_CARD = """---
+library_name: showo-mlx
+tags:
+- mlx
+- show-o
+{base}---
+
+# {repo}
+
+{source} ([Show-o](https://github.com/showlab/Show-o)) converted for Apple silicon with showo-mlx {version}
+(MLX format{quant}). Load it by its repo id:
+
+```bash
+showo generate "a rally car race" --model {repo}
+```
+
+```python
+import showo_mlx
+pipe = showo_mlx.load("{repo}")
+```
+"""
+
+
+def check_upload_repo(repo_id: str) -> None:
+    """Refuse a malformed --upload-repo before any conversion work."""
+    from .hub import looks_like_repo_id
+
+    if not looks_like_repo_id(repo_id):
+        raise ShowoError(f"--upload-repo {repo_id!r} is not a Hub repo id; use owner/name")
+
+
+def upload_folder_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, log=print, api=None) -> str:
+    """Publish a converted folder as the Hub model repo `repo_id` (created if needed) with
+    huggingface_hub's `HfApi.create_repo` + `upload_folder`; `showo … --model repo_id` then loads
+    it in place. Writes a short model card (README.md) first when the folder has none."""
+    from .hub import clip_words
+
+    folder = Path(folder)
+    check_upload_repo(repo_id)
+    if not is_converted(folder):
+        raise ShowoError(f"{folder} is not a converted showo-mlx folder; nothing to upload")
+    config = json.loads((folder / "config.json").read_text())
+    card = folder / "README.md"
+    if not card.exists():
+        source = str(config.get("source", {}).get("model", "a Show-o checkpoint"))
+        base = f"base_model: {source}\n" if "/" in source and not Path(source).exists() else ""
+        q = config.get("quantization")
+        card.write_text(MODEL_CARD.format(
+            base=base, repo=repo_id, source=f"`{source}`", version=__version__,
+            quant=f", {q['bits']}-bit weights, group {q['group_size']}" if q else ""))
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    try:
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                          commit_message=f"Upload showo-mlx {__version__} conversion")
+    except Exception as e:  # auth, network, permissions: one line
+        raise ShowoError(f"could not upload {folder} to {repo_id} ({clip_words(f'{type(e).__name__}: {e}', 120)}); "
+                         "log in with `hf auth login` and check that you may write to that repo") from None
+    url = f"https://huggingface.co/{repo_id}"
+    log(f"uploaded {folder} to {url}")
+    return url

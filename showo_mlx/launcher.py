@@ -2,14 +2,17 @@
 
 The Linux `mlx[cpu]` wheel links the reference (netlib) BLAS: float32 matmuls and convolutions run at
 ~1.5 GFLOP/s, about 100x slower than Debian's OpenBLAS on the same cores. The dynamic linker can swap
-the library in at start-up (LD_PRELOAD); it cannot be done from inside a running process, so this
-module re-executes the command once with the variables set:
+the library in at start-up (LD_PRELOAD); it cannot be done from inside a running process, so the
+`showo` command re-executes itself once with the variables set, by default on Linux whenever the
+library is installed:
 
-    SHOWO_OPENBLAS=1 showo generate "..."        or        showo --openblas generate "..."
+    showo generate "..."                          (OpenBLAS when installed; SHOWO_OPENBLAS=0: off)
 
-It is opt-in (a re-exec surprises debuggers and wrappers), a no-op off Linux, and a no-op when the
-library is missing (then it says which package to install). `blas_status()` reports which BLAS the
-process uses, and `slow_blas_hint()` the fix when it is the slow one.
+When it is not installed, `showo` says once which package to install (not for --help/--version).
+In Python a library re-exec'ing its caller would be surprising, so it happens only on request:
+`showo_mlx.enable_openblas()` at the top of a script; `showo_mlx.load()` prints the hint once when
+the slow BLAS is in use. A no-op off Linux. `blas_status()` reports which BLAS the process uses,
+and `slow_blas_hint()` the fix when it is the slow one.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-ENV_OPT_IN = "SHOWO_OPENBLAS"
+ENV_OPT_IN = "SHOWO_OPENBLAS"  # "0" turns the default re-exec off; "1" (or --openblas) asks for it
 ENV_DONE = "SHOWO_OPENBLAS_REEXEC"  # set in the child, so a failed preload never loops
 FLAG = "--openblas"
+HELP_FLAGS = ("-h", "--help", "--version")
 # Debian/Ubuntu package libopenblas0-pthread (multi-threaded); the openmp and serial variants work too.
 CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -31,7 +35,7 @@ CANDIDATES = (
     "/usr/lib64/libopenblasp.so.0",
     "/usr/lib64/libopenblas.so.0",
 )
-INSTALL_HINT = "apt-get install -y libopenblas0-pthread"
+INSTALL_HINT = "sudo apt-get install libopenblas0-pthread"
 SLOW_GFLOPS = 10.0  # the reference BLAS manages ~1.5; any real BLAS is far above
 
 
@@ -72,7 +76,32 @@ def openblas_loaded() -> bool:
 
 
 def wants_openblas(argv: list[str], environ: os._Environ | dict) -> bool:
-    return FLAG in argv or environ.get(ENV_OPT_IN, "") not in ("", "0")
+    """On by default; SHOWO_OPENBLAS=0 turns it off unless --openblas asks for it explicitly."""
+    return FLAG in argv or environ.get(ENV_OPT_IN, "").strip() != "0"
+
+
+def needs_compute(argv: list[str]) -> bool:
+    """False for invocations that only print help or the version (nothing worth a re-exec or a hint)."""
+    args = argv[1:]
+    return bool(args) and not any(a in HELP_FLAGS for a in args)
+
+
+_hint_shown = False
+
+
+def install_hint() -> str:
+    return (f"note: MLX's Linux wheel computes with a slow reference BLAS (~100x slower float32 matmuls); "
+            f"install OpenBLAS ({INSTALL_HINT}) and showo-mlx uses it (SHOWO_OPENBLAS=0 silences this)")
+
+
+def hint_once(log=None) -> bool:
+    """Print the install hint the first time in this process; True if printed now."""
+    global _hint_shown
+    if _hint_shown:
+        return False
+    _hint_shown = True
+    (log or (lambda m: print(m, file=sys.stderr)))(install_hint())
+    return True
 
 
 def preload_env(environ, lib: str) -> dict[str, str]:
@@ -97,24 +126,94 @@ def child_argv() -> list[str]:
 
 
 def prepare_process(argv: list[str] | None = None, environ=None, execve=os.execve) -> None:
-    """Call first thing in `main()`. With the opt-in on Linux, re-exec with OpenBLAS preloaded
-    (does not return); otherwise only removes --openblas from sys.argv so the CLI never sees it."""
+    """Call first thing in `main()`. On Linux, re-exec with OpenBLAS preloaded (does not return)
+    unless SHOWO_OPENBLAS=0, it is already loaded, or the command only prints help; without the
+    library, print the install hint once. Always removes --openblas from sys.argv so the CLI never
+    sees it."""
     argv = sys.argv if argv is None else argv
     environ = os.environ if environ is None else environ
-    opted_in = wants_openblas(argv, environ)
+    wanted = wants_openblas(argv, environ)
     while FLAG in argv:
         argv.remove(FLAG)
-    if not opted_in or not sys.platform.startswith("linux"):
+    if not wanted or not sys.platform.startswith("linux") or not needs_compute(argv):
         return
     if environ.get(ENV_DONE) or "libopenblas" in environ.get("LD_PRELOAD", ""):
         return  # already preloaded (by us or by the user)
     lib = find_openblas()
     if lib is None:
-        print(f"note: --openblas/SHOWO_OPENBLAS: no OpenBLAS found; install it ({INSTALL_HINT})", file=sys.stderr)
+        hint_once()
         return
     sys.stderr.flush()
     sys.stdout.flush()
     execve(sys.executable, child_argv(), preload_env(environ, lib))
+
+
+def enable_openblas(*, environ=None, execve=os.execve, log=None) -> bool:
+    """Python API: make MLX use OpenBLAS on Linux by re-executing this Python process once with it
+    preloaded (the script starts again from the top with the same arguments, so call this first).
+
+    Returns True when OpenBLAS is already in use (e.g. in the re-executed process) and False when
+    nothing can be done: not Linux, the library is not installed (prints the install hint), or an
+    interactive session, which a re-exec would end (prints the LD_PRELOAD line to start Python with
+    instead). Does not return when it re-executes."""
+    environ = os.environ if environ is None else environ
+    say = log or (lambda m: print(m, file=sys.stderr))
+    if not sys.platform.startswith("linux"):
+        return False
+    if openblas_loaded():
+        return True
+    lib = find_openblas()
+    if lib is None:
+        hint_once(say)
+        return False
+    if environ.get(ENV_DONE) or "libopenblas" in environ.get("LD_PRELOAD", ""):
+        say(f"note: OpenBLAS is in LD_PRELOAD but not loaded; check the path ({lib} is installed)")
+        return False
+    if _interactive():
+        kind = core_type()
+        say(f"note: enable_openblas() cannot restart an interactive session; start Python with "
+            f"LD_PRELOAD={lib}" + (f" OPENBLAS_CORETYPE={kind}" if kind else ""))
+        return False
+    global _hint_shown
+    _hint_shown = True
+    sys.stderr.flush()
+    sys.stdout.flush()
+    execve(sys.executable, child_argv(), preload_env(environ, lib))
+    return True  # only reached with a test's execve
+
+
+def _interactive() -> bool:
+    """A session a re-exec would end or could not repeat: the REPL, IPython/Jupyter, or a script
+    read from stdin (no file to run again)."""
+    if hasattr(sys, "ps1") or sys.flags.interactive or "IPython" in sys.modules:
+        return True
+    orig = list(getattr(sys, "orig_argv", []))
+    has_file = bool(getattr(sys.modules.get("__main__"), "__file__", None))
+    return not has_file and "-c" not in orig and "-m" not in orig
+
+
+def slow_blas_in_use(environ=None) -> bool:
+    """Linux, MLX on the CPU, no OpenBLAS mapped, and the user did not switch it off."""
+    environ = os.environ if environ is None else environ
+    if not sys.platform.startswith("linux") or environ.get(ENV_OPT_IN, "").strip() == "0":
+        return False
+    import mlx.core as mx
+
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return False
+    return not openblas_loaded()
+
+
+def blas_hint_once(log=None, environ=None) -> None:
+    """For `load()`: the one-line hint, at most once per process, when the slow BLAS is in use."""
+    global _hint_shown
+    if _hint_shown or not slow_blas_in_use(environ):
+        return
+    _hint_shown = True
+    hint = install_hint() if find_openblas() is None else (
+        "note: MLX computes with its bundled reference BLAS here (~100x slower float32 matmuls than "
+        "OpenBLAS, which is installed); call showo_mlx.enable_openblas() first thing in your script")
+    (log or (lambda m: print(m, file=sys.stderr)))(hint)
 
 
 def matmul_gflops(n: int = 256, repeats: int = 3) -> float:

@@ -164,11 +164,14 @@ class ShowoTransformer(nn.Module):
     def __call__(self, ids: mx.array | None = None, **kwargs) -> mx.array:
         return self.lm_head(self.hidden_states(ids, **kwargs))
 
-    def head_slice(self, h: mx.array, start: int, stop: int) -> mx.array:
+    def head_slice(self, h: mx.array, start: int, stop: int, head: nn.Module | None = None) -> mx.array:
         """Logits for vocabulary rows [start, stop) only: each logit is an independent dot product,
         so this equals slicing the full logits, at a fraction of the cost (MaskGIT needs only the
         8192 image-code rows of 58498)."""
-        head = self.lm_head
+        head = self.lm_head if head is None else head
+        if "lora_b" in head and "linear" in head:  # LoRA adapters (mlx-lm's LoRALinear: linear(x) + scale·(x·A)·B)
+            low = (h @ head.lora_a) @ head.lora_b[:, start:stop]
+            return self.head_slice(h, start, stop, head.linear) + (head.scale * low).astype(h.dtype)
         bias = head["bias"][start:stop] if "bias" in head else None
         if isinstance(head, nn.QuantizedLinear):
             out = mx.quantized_matmul(

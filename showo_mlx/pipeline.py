@@ -33,7 +33,7 @@ from .errors import GenerationInputError, ImageInputError
 from .images import NOTES_KEY, fit_mask, load_image, load_mask, mask_tokens, normalize_mode, preprocess_image, preprocess_mask, to_uint8
 from .layout import Layout
 from .limits import MAX_CANVAS_WINDOWS, MAX_IMAGES, MAX_STEPS, LONG_HINT, check_count, check_number, check_seed, check_text, is_integer
-from .loading import DEFAULT_MODEL, load_magvit, load_transformer, read_model_config, resolve_model
+from .loading import DEFAULT_MODEL, compute_plan, load_for_inference, load_magvit, read_model_config, resolve_model
 from .maskgit import GreedyRandomness, KeyedRandomness, check_schedule, decode_image_tokens
 from .memory import apply_low_ram, drop_encoder, magvit_throttle
 from .prompting import Prompting
@@ -132,14 +132,33 @@ def load(
     quantize: int | QuantizeSpec | None = None,
     vq_dtype: str | None = None,
     low_ram: bool = False,
+    adapter_path: str | os.PathLike | None = None,
+    adapter_scale: float = 1.0,
+    vq: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> "Pipeline":
-    """Load a model (Hub id, official folder or converted folder) into a ready Pipeline.
-    `low_ram` trades a little MAGVIT speed for memory (see memory.py)."""
+    """Load a model (Hub id, official folder or converted folder, local or on the Hub) into a
+    ready Pipeline.
+
+    `dtype` is the compute precision (default: as stored; float32 on MLX's CPU backend, see
+    `loading.compute_plan`); `quantize` quantizes at load time; `low_ram` trades a little MAGVIT
+    speed for memory (see memory.py). `adapter_path` applies LoRA adapters written by
+    `showo train --lora` (mlx-lm's name), `adapter_scale` scales their effect (1 = as trained).
+    `vq` and `tokenizer` say where an official checkpoint's MAGVIT-v2 and tokenizer come from."""
+    import sys
+
+    from .launcher import blas_hint_once
+
     if isinstance(quantize, int):
         quantize = QuantizeSpec(bits=quantize)
-    folder = resolve_model(model, log=log)
-    return Pipeline(folder, dtype=dtype, quantize=quantize, vq_dtype=vq_dtype, low_ram=low_ram, name=str(model))
+    # Notes about speed go to stderr unless the caller routes messages: a script's stdout is its output.
+    note = log if log is not print else (lambda m: print(m, file=sys.stderr))
+    folder = resolve_model(model, log=log, vq=vq, tokenizer=tokenizer)
+    pipe = Pipeline(folder, dtype=dtype, quantize=quantize, vq_dtype=vq_dtype, low_ram=low_ram, name=str(model),
+                    adapter_path=adapter_path, adapter_scale=adapter_scale, log=note)
+    blas_hint_once(note)  # Linux CPU without OpenBLAS: say how to get ~100x faster matmuls, once
+    return pipe
 
 
 class Pipeline:
@@ -153,6 +172,9 @@ class Pipeline:
         low_ram: bool = False,
         name: str | None = None,
         model=None,
+        adapter_path: str | os.PathLike | None = None,
+        adapter_scale: float = 1.0,
+        log: Callable[[str], None] | None = None,
     ):
         """`model`: an already loaded transformer of this folder (e.g. the one being trained) used
         instead of loading the folder's weights again."""
@@ -163,11 +185,17 @@ class Pipeline:
         self.name = name or str(folder)
         self.load_options = {"dtype": dtype, "quantize": asdict(quantize) if quantize is not None else None}
         self.config = read_model_config(self.folder)
-        self.model = model if model is not None else load_transformer(self.folder, self.config, dtype=dtype, quantize=quantize)
+        plan = compute_plan(self.config, dtype, vq_dtype, name=self.name)
+        if plan.note and log is not None:
+            log(plan.note)
+        self.compute_dtype = plan.dtype or self.config.get("dtype", "float32")
+        self.model = model if model is not None else load_for_inference(
+            self.folder, self.config, plan=plan, quantize=quantize, adapter_path=adapter_path, adapter_scale=adapter_scale)
+        self.adapters = None if adapter_path is None else {"adapters": str(adapter_path), "adapter_scale": float(adapter_scale)}
         self.cfg: ShowoConfig = self.model.config
         self.prompting = Prompting(self.folder, self.cfg)
         self.vq_config = MagvitConfig.from_dict(self.config["magvit"])
-        self.vq_dtype = vq_dtype
+        self.vq_dtype = plan.vq_dtype
         self._vq = None  # the full tokenizer, loaded when an image must be encoded
         self._decoder = None  # decoder-only, enough for text-to-image
         self._uncond = UncondPrefixStore()
@@ -228,6 +256,10 @@ class Pipeline:
     def _note(self, message: str) -> None:
         self.notes.append(message)
         log.info("%s", message)
+
+    def _tags(self) -> dict[str, Any]:
+        """What an image's metadata records beyond its settings: the LoRA adapters, if any."""
+        return dict(self.adapters or {})
 
     # -- images in ---------------------------------------------------------------------------
     def _pil(self, image: ImageLike, mask: bool = False) -> Image.Image:
@@ -352,7 +384,7 @@ class Pipeline:
             decoded = self.decode_codes(codes)
             log.debug("batch of %d: %d steps and the MAGVIT decode in %.2f s", len(chunk), s.steps, time.perf_counter() - start)
             for (p, sd), img, c in zip(chunk, decoded, codes):
-                out.append(GeneratedImage(img, p, sd, s, c, **self._provenance()))
+                out.append(GeneratedImage(img, p, sd, s, c, extra=self._tags(), **self._provenance()))
                 if on_image is not None:
                     on_image(out[-1])
         return out
@@ -387,7 +419,7 @@ class Pipeline:
         init = np.repeat(tokens, len(rows), axis=0)
         out_codes = self._decode_window([p for p, _ in rows], init, [sd for _, sd in rows], s, callback)
         return [
-            GeneratedImage(img, p, sd, s, c, task="inpaint", extra={"repainted_tokens": int(region.sum())}, **self._provenance())
+            GeneratedImage(img, p, sd, s, c, task="inpaint", extra={"repainted_tokens": int(region.sum()), **self._tags()}, **self._provenance())
             for (p, sd), img, c in zip(rows, self.decode_codes(out_codes), out_codes)
         ]
 
@@ -469,7 +501,7 @@ class Pipeline:
                 canvas[:, rows, cols] = codes.reshape(1, w, w)
         h, wc = canvas.shape[1:]
         img = self.decode_codes(canvas.reshape(1, -1), shape=(h, wc))[0]
-        extra = {"directions": " ".join(directions), "offset": offset, "canvas_tokens": f"{h}x{wc}"}
+        extra = {"directions": " ".join(directions), "offset": offset, "canvas_tokens": f"{h}x{wc}", **self._tags()}
         return [GeneratedImage(img, " *** ".join(prompts), seed, s, canvas.reshape(-1), task="extend", extra=extra, **self._provenance())]
 
     def extension_window_count(self, directions: Sequence[str], offset: int = 0) -> int:

@@ -20,13 +20,19 @@ API_KEY = "test-key-123"
 STARTUP_TIMEOUT = 90.0  # seconds: imports + loading the tiny model, on a busy 2-core machine
 
 
+# The in-process commands the server's answers are compared with run on the BLAS the test process
+# has; `showo` would otherwise re-exec itself with OpenBLAS, whose float rounding differs and can
+# change a sampled MaskGIT code.
+ENV = {"SHOWO_OPENBLAS": "0"}
+
+
 class LiveServer:
     """A `showo serve` subprocess. `lines` collects its stderr (the log) as it runs."""
 
     def __init__(self, model: Path, *args: str, env: dict | None = None):
         cmd = [sys.executable, "-m", "showo_mlx.cli", "serve", "--model", str(model), "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, **(env or {})})
+                                     text=True, env={**os.environ, **ENV, **(env or {})})
         self.lines: list[str] = []
         self._started = threading.Event()
         self.url = None

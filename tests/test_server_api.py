@@ -86,6 +86,8 @@ def test_generate_b64_and_url_equal_the_cli(client, live_server, served_cli_imag
     r = client.images.generate(prompt="a red cat", n=2, size="128x128", extra_body={"steps": 2, "guidance": 1.5, "seed": 3})
     assert len(r.data) == 2
     for item, cli_png in zip(r.data, served_cli_images):
+        served = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+        assert served.text == Image.open(cli_png).text  # the same metadata (compared first: a clearer failure)
         assert base64.b64decode(item.b64_json) == cli_png.read_bytes()  # same pixels, same metadata, same bytes
     assert r.size == "128x128" and r.output_format == "png"
 

@@ -21,6 +21,7 @@ import typer
 
 from ..cli_common import MODEL_HELP, closing_line, fail, handle_errors, say
 from ..errors import DistributedError, TrainingDivergedError
+from ..cli_sources import current_sources, model_sources
 
 _errors = handle_errors(interrupted="interrupted; the last checkpoint is kept (resume with --resume)")
 
@@ -81,7 +82,7 @@ def prepare_command(
     from .prepare import prepare
 
     start = time.perf_counter()
-    prepare(data, out, model=model, resolution=resolution, kind=kind, image_root=image_root,
+    prepare(data, out, model=_with_sources(model), resolution=resolution, kind=kind, image_root=image_root,
             batch_size=batch_size, shard_size=shard_size, force=force, log=_echo)
     _done(start)
 
@@ -105,9 +106,13 @@ def train_command(
     start = time.perf_counter()
     if resume and force:
         fail("--resume continues the folder's run and --force deletes it; pass one of them")
-    overrides = {"model": model, "data": data, "mmu_data": mmu_data, "lm_data": lm_data, "output": output,
-                 "fine_tune": "lora" if lora else None}
+    if model is None and current_sources(adapters=False):
+        fail("--vq/--tokenizer need --model on the command line")
+    overrides = {"model": _with_sources(model) if model else model, "data": data, "mmu_data": mmu_data, "lm_data": lm_data,
+                 "output": output, "fine_tune": "lora" if lora else None}
     cfg = TrainConfig.load(config, overrides, set_ or [])
+    for note in getattr(cfg, "notes", []):
+        _echo(f"note: {note}")
     try:
         with _sigterm_interrupts() as signal_fd:
             trainer = Trainer(cfg, resume=resume, force=force, log=_echo)
@@ -127,17 +132,23 @@ def train_command(
 
 
 def fuse_command(
-    model: str = typer.Argument(..., help="The base model the adapters were trained on. " + MODEL_HELP),
-    adapters: Path = typer.Argument(..., help="Adapters folder (RUN/adapters)."),
-    out: Path = typer.Argument(..., help="Output model folder."),
+    model: Optional[str] = typer.Argument(None, metavar="MODEL", help="The base model the adapters were trained on. " + MODEL_HELP),
+    adapters: Optional[Path] = typer.Argument(None, metavar="ADAPTERS", help="Adapters folder (RUN/adapters)."),
+    out: Optional[Path] = typer.Argument(None, metavar="OUT", help="Output model folder."),
+    model_opt: Optional[str] = typer.Option(None, "--model", help="The base model, the same as MODEL (mlx-lm's spelling)."),
+    adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="The adapters folder, the same as ADAPTERS (mlx-lm's spelling)."),
+    save_path: Optional[Path] = typer.Option(None, "--save-path", help="The output folder, the same as OUT (mlx-lm's spelling)."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights even if the base was quantized; off by default."),
     force: bool = typer.Option(False, "--force", help="Replace OUT only if it is empty or a previous model folder; off by default."),
 ) -> None:
-    """Merge LoRA adapters into the base weights; the result loads like any converted model."""
+    """Merge LoRA adapters into the base weights (MODEL ADAPTERS OUT, or mlx-lm's --model/--adapter-path/--save-path); the result loads like any converted model."""
     from .lora import fuse
 
+    model = _one_of("MODEL", model, "--model", model_opt)
+    adapters = _one_of("ADAPTERS", adapters, "--adapter-path", adapter_path)
+    out = _one_of("OUT", out, "--save-path", save_path)
     start = time.perf_counter()
-    fuse(model, adapters, out, dequantize=dequantize, force=force, log=_echo)
+    fuse(_with_sources(model), adapters, out, dequantize=dequantize, force=force, log=_echo)
     _done(start)
 
 
@@ -147,11 +158,35 @@ EXAMPLES = {  # shown at the end of each command's help
     "train": "Examples:\n\n  showo train lora.yaml --model showlab/show-o --lora\n\n"
              "  showo train lora.yaml --resume --set lr=5e-5",
     "fuse": "Examples:\n\n  showo fuse showlab/show-o runs/my_lora/adapters models/my-showo\n\n"
-            "  showo fuse ./show-o-4bit runs/my_lora/adapters models/my-showo --dequantize",
+            "  showo fuse ./show-o-4bit runs/my_lora/adapters models/my-showo --dequantize\n\n"
+            "  showo fuse --model showlab/show-o --adapter-path runs/my_lora/adapters --save-path models/my-showo",
 }
 
 
+def _one_of(name: str, positional, option_name: str, option):
+    """A value given as a positional or as its mlx-lm option (not two different ones)."""
+    from ..errors import ShowoError
+
+    if positional is not None and option is not None and str(positional) != str(option):
+        raise ShowoError(f"{name} is given twice ({positional} and {option_name} {option}); give it once")
+    value = positional if positional is not None else option
+    if value is None:
+        raise ShowoError(f"missing {name} (or {option_name}); see `showo fuse --help`")
+    return value
+
+
+def _with_sources(model: str) -> str:
+    """With --vq/--tokenizer, the model is resolved (converted) here with them, and its converted
+    folder passed on; without them, `model` as given."""
+    sources = current_sources(adapters=False)
+    if not sources:
+        return model
+    from ..loading import resolve_model
+
+    return str(resolve_model(model, log=_echo, **sources))
+
+
 def register(app: typer.Typer) -> None:
-    app.command("prepare", epilog=EXAMPLES["prepare"])(_errors(prepare_command))
-    app.command("train", epilog=EXAMPLES["train"])(_errors(train_command))
-    app.command("fuse", epilog=EXAMPLES["fuse"])(_errors(fuse_command))
+    app.command("prepare", epilog=EXAMPLES["prepare"])(_errors(model_sources(prepare_command, adapters=False)))
+    app.command("train", epilog=EXAMPLES["train"])(_errors(model_sources(train_command, adapters=False)))
+    app.command("fuse", epilog=EXAMPLES["fuse"])(_errors(model_sources(fuse_command, adapters=False)))

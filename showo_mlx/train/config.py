@@ -120,7 +120,10 @@ class TrainConfig:
         if values.get("model") is not None:
             merged.pop("init", None)  # an explicit start replaces the preset's Phi-1.5 init
         merged.update(values)
-        return cls(**merged).validate()
+        notes = _fit_default_warmup(merged, values, {f.name: f.default for f in dataclasses.fields(cls)})
+        cfg = cls(**merged).validate()
+        cfg.notes = notes  # what was adjusted, for the command to print
+        return cfg
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> "TrainConfig":
@@ -239,6 +242,28 @@ class TrainConfig:
         from .losses import TaskRows
 
         return TaskRows(self.batch_t2i, self.batch_lm, self.batch_mmu)
+
+
+WARMUP_FRACTION = 0.1  # a warm-up the user did not choose is at most this share of max_steps
+
+
+def _fit_default_warmup(merged: dict[str, Any], values: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """A warm-up that comes from a preset or the default (not from the user) is cut to 10% of
+    max_steps when longer: the `lora` preset's 100 steps would otherwise refuse any run of 100
+    steps or fewer. Returns the note saying so (empty when nothing changed)."""
+    if "warmup_steps" in values:
+        return []
+    warmup = merged.get("warmup_steps", defaults["warmup_steps"])
+    steps = merged.get("max_steps", defaults["max_steps"])
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (warmup, steps)) or steps < 1:
+        return []  # validate() reports the bad value
+    cap = int(steps * WARMUP_FRACTION)
+    if warmup <= cap:
+        return []
+    merged["warmup_steps"] = cap
+    origin = f"the {merged['preset']} preset's" if merged.get("preset") else "the default"
+    return [f"warmup_steps: {origin} {warmup} is more than {WARMUP_FRACTION:.0%} of max_steps {steps}; "
+            f"using {cap} (set warmup_steps to choose)"]
 
 
 def _number(v: Any) -> float | None:
