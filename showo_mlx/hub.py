@@ -16,6 +16,11 @@ ALLOW_PATTERNS = {
               "tokenizer*", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json"],
     "vq": ["config.json", "pytorch_model*.safetensors*", "pytorch_model*.bin*"],
     "tokenizer": ["tokenizer*", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json"],
+    # The CLIP tower repository also holds TF/Flax copies: fetch safetensors, the .bin only as fallback.
+    "vision": ["config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json",
+               "model-*.safetensors"],
+    "vision_bin": ["config.json", "preprocessor_config.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                   "pytorch_model-*.bin"],
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

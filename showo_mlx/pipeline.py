@@ -31,6 +31,7 @@ from .decoding import IncrementalText, SamplingOptions, generate_tokens
 from .errors import GenerationInputError, ImageInputError
 from .images import load_image, load_mask, mask_tokens, preprocess_image, preprocess_mask, to_uint8
 from .layout import Layout
+from .family import family_of
 from .loading import DEFAULT_MODEL, load_magvit, load_transformer, read_model_config, resolve_model
 from .maskgit import GreedyRandomness, KeyedRandomness, check_schedule, decode_image_tokens
 from .memory import apply_low_ram, drop_encoder, magvit_throttle
@@ -49,6 +50,7 @@ class GenerationSettings:
     temperature: float = 1.0
     schedule: str = "cosine"
     greedy: bool = False
+    top_k: int | None = None  # sample each code among the k most probable (Show-o Turbo); None/0 = off
 
     def validate(self) -> "GenerationSettings":
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -58,6 +60,8 @@ class GenerationSettings:
         if not np.isfinite(self.temperature) or self.temperature < 0:
             raise GenerationInputError(f"temperature must be >= 0, got {self.temperature}")
         check_schedule(self.schedule)
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+            raise GenerationInputError(f"top-k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         return self
 
 
@@ -81,6 +85,7 @@ class GeneratedImage:
             "guidance": str(s.guidance),
             "temperature": str(s.temperature),
             "schedule": s.schedule,
+            **({"top_k": str(s.top_k)} if s.top_k else {}),
             "task": self.task,
             "model": model,
             "software": f"showo-mlx {__version__}",
@@ -126,7 +131,10 @@ class Pipeline:
         self.model = load_transformer(self.folder, self.config, dtype=dtype, quantize=quantize)
         self.cfg: ShowoConfig = self.model.config
         self.prompting = Prompting(self.folder, self.cfg)
-        self.vq_config = MagvitConfig.from_dict(self.config["magvit"])
+        self.family = family_of(self.config)
+        # Understanding-only folders (--no-vq, CLIP models) carry no MAGVIT.
+        self.vq_config = MagvitConfig.from_dict(self.config["magvit"]) if "magvit" in self.config else None
+        self._vision = None  # the CLIP tower of w_clip_vit models, loaded on first use
         self.vq_dtype = vq_dtype
         self._vq = None  # the full tokenizer, loaded when an image must be encoded
         self._decoder = None  # decoder-only, enough for text-to-image
@@ -139,6 +147,8 @@ class Pipeline:
 
     @property
     def resolution(self) -> int:
+        if self.vq_config is None:
+            load_magvit(self.folder, self.config)  # raises the one-line "converted without MAGVIT" error
         return self.grid[0] * self.vq_config.downsample_factor
 
     @property
@@ -159,17 +169,22 @@ class Pipeline:
         return self._decoder
 
     def defaults(self, task: str) -> GenerationSettings:
-        """The reference's settings: 512 px: 50 steps, guidance 5; 256 px: 18 steps for t2i and
-        16 for inpainting/extension, guidance 1.75 (spec §6.4)."""
-        if self.cfg.num_vq_tokens >= 1024:
-            return GenerationSettings(steps=50, guidance=5.0)
-        return GenerationSettings(steps=18 if task == "generate" else 16, guidance=1.75)
+        """The model family's settings (family.py): Show-o 512 px 50 steps, guidance 5; 256 px 18
+        steps for t2i and 16 for inpainting/extension, guidance 1.75; Turbo 4 steps, no guidance,
+        top-k 200 (500 at 4 steps for 512 px)."""
+        d = self.family.task(task)
+        return GenerationSettings(steps=d.steps, guidance=d.guidance, temperature=d.temperature,
+                                  schedule=d.schedule, top_k=d.top_k(d.steps))
 
     def settings(self, task: str, **overrides) -> GenerationSettings:
+        if self.vq_config is None:
+            load_magvit(self.folder, self.config)  # raises the one-line "converted without MAGVIT" error
         s = self.defaults(task)
         for key, value in overrides.items():
             if value is not None:
                 setattr(s, key, value)
+        if overrides.get("top_k") is None:  # the family's top-k follows the number of steps
+            s.top_k = self.family.task(task).top_k(s.steps)
         return s.validate()
 
     # -- images in ---------------------------------------------------------------------------
@@ -228,6 +243,7 @@ class Pipeline:
             temperature=s.temperature,
             randomness=randomness,
             callback=callback,
+            top_k=s.top_k or None,
         )
         return np.array(codes)
 
@@ -257,10 +273,11 @@ class Pipeline:
         greedy: bool = False,
         batch_size: int = 4,
         callback=None,
+        top_k: int | None = None,
     ) -> list[GeneratedImage]:
         """Text-to-image. Each prompt gets one image per seed; with one seed s and n > 1 the seeds
         are s, s+1, …, s+n-1, so any image can be reproduced alone from its metadata."""
-        s = self.settings("generate", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+        s = self.settings("generate", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy, top_k=top_k)
         rows = self._rows(prompts, seed, n)
         out: list[GeneratedImage] = []
         mask_row = np.full(self.cfg.num_vq_tokens, self.cfg.mask_token_id, dtype=np.int64)
@@ -285,9 +302,10 @@ class Pipeline:
         schedule: str | None = None,
         greedy: bool = False,
         callback=None,
+        top_k: int | None = None,
     ) -> list[GeneratedImage]:
         """Repaint the white part of `mask` (spec §6.6) guided by `prompt`."""
-        s = self.settings("inpaint", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+        s = self.settings("inpaint", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy, top_k=top_k)
         codes = self.encode_image(image)
         self._release_encoder(keep_decoder=True)
         region = mask_tokens(preprocess_mask(self._pil(mask, mask=True), self.resolution), self.grid)
@@ -316,10 +334,11 @@ class Pipeline:
         schedule: str | None = None,
         greedy: bool = False,
         callback=None,
+        top_k: int | None = None,
     ) -> list[GeneratedImage]:
         """Outpaint step by step (spec §6.7): each direction adds half a window (plus `offset`)
         of new tokens on that side. "down" works (the reference crashes on it)."""
-        s = self.settings("extend", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+        s = self.settings("extend", steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy, top_k=top_k)
         directions = [d.lower() for d in directions]
         bad = [d for d in directions if d not in DIRECTIONS]
         if bad or not directions:
@@ -363,11 +382,34 @@ class Pipeline:
         top_p: float = 0.0,
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Answer a question about an image, yielding text as it is decoded (spec §4.4, §6.9)."""
+        """Answer a question about an image, yielding text as it is decoded (spec §4.4, §6.9).
+        w_clip_vit models answer through their CLIP tower (`inference_mmu.py`, w_clip_vit branch)."""
+        options = SamplingOptions(temperature, top_k, top_p, seed)
+        if self.cfg.w_clip_vit:
+            prompt, embeddings = self.vit_prompt(image, question)
+            yield from self._stream(None, [prompt.layout], max_tokens, options, prompt_embeddings=embeddings)
+            return
         codes = self.encode_image(image)
         self._release_encoder(keep_decoder=False)
         prompt = self.prompting.mmu_gen(self.prompting.image_ids(codes), question)
-        yield from self._stream(prompt.ids, prompt.layouts, max_tokens, SamplingOptions(temperature, top_k, top_p, seed))
+        yield from self._stream(prompt.ids, prompt.layouts, max_tokens, options)
+
+    @property
+    def vision(self):
+        """The CLIP tower and processor (w_clip_vit models; loaded on first use)."""
+        if self._vision is None:
+            from .vision import load_vision
+
+            self._vision = load_vision(self.folder, self.config)
+        return self._vision
+
+    def vit_prompt(self, image: ImageLike, question: str):
+        """The CLIP path's prompt: (VitPrompt, input embeddings (1, L, hidden)) — token embeddings
+        with the projected CLIP features spliced in after <|soi|> (`inference_mmu.py`)."""
+        features = self.vision(self._pil(image))
+        prompt = self.prompting.mmu_vit_gen(question, num_image=features.shape[1])
+        text = self.model.embed_tokens(mx.array(prompt.ids))
+        return prompt, prompt.splice(text, self.model.mm_projector(features))
 
     def ask(self, image: ImageLike, question: str, **kwargs) -> str:
         return "".join(self.stream_ask(image, question, **kwargs))
@@ -385,17 +427,23 @@ class Pipeline:
     def complete(self, text: str, **kwargs) -> str:
         return "".join(self.stream_complete(text, **kwargs))
 
-    def answer_tokens(self, ids: np.ndarray, layouts: Sequence[Layout], max_tokens: int, options: SamplingOptions) -> Iterator[int]:
+    def answer_tokens(
+        self, ids: np.ndarray | None, layouts: Sequence[Layout], max_tokens: int, options: SamplingOptions,
+        prompt_embeddings: mx.array | None = None,
+    ) -> Iterator[int]:
+        """Answer token ids, KV-cached, stopping after eos (the reference's eot); the prompt is
+        token ids or, on the CLIP path, input embeddings."""
         mask = attention_mask(layouts)
         if mask is not None and len(layouts) == 1 and layouts[0] == Layout(layouts[0].length):
             mask = "causal"
         return generate_tokens(
-            self.model, mx.array(ids), mask=mask, max_tokens=max_tokens, stop_ids=[self.prompting.ids.eos], options=options
+            self.model, None if ids is None else mx.array(ids), mask=mask, max_tokens=max_tokens,
+            stop_ids=[self.prompting.ids.eos], options=options, prompt_embeddings=prompt_embeddings,
         )
 
-    def _stream(self, ids, layouts, max_tokens, options) -> Iterator[str]:
+    def _stream(self, ids, layouts, max_tokens, options, prompt_embeddings=None) -> Iterator[str]:
         text = IncrementalText(self.prompting.decode)
-        for token in self.answer_tokens(ids, layouts, max_tokens, options):
+        for token in self.answer_tokens(ids, layouts, max_tokens, options, prompt_embeddings):
             piece = text.add(token)
             if piece:
                 yield piece
