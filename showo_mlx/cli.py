@@ -97,16 +97,18 @@ class StepProgress:
 class GenerationOptions:
     """The generation options shared by generate, inpaint and extend."""
 
-    def __init__(self, steps, guidance, temperature, schedule, greedy):
-        self.overrides = dict(steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
-        precheck(steps, guidance, temperature, schedule)  # before loading gigabytes of weights
+    def __init__(self, steps, guidance, temperature, schedule, greedy, top_k=None):
+        self.overrides = dict(steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy, top_k=top_k)
+        precheck(steps, guidance, temperature, schedule, top_k)  # before loading gigabytes of weights
 
     def resolve(self, pipe, task: str) -> dict:
         """The model's defaults for `task` with the user's overrides, as keyword arguments."""
         s = pipe.settings(task, **self.overrides)
         typer.echo(f"{pipe.name}: {task}, {s.steps} steps, guidance {s.guidance}, schedule {s.schedule}, "
-                   + ("greedy" if s.greedy else f"temperature {s.temperature}"), err=True)
-        return dict(steps=s.steps, guidance=s.guidance, temperature=s.temperature, schedule=s.schedule, greedy=s.greedy)
+                   + ("greedy" if s.greedy else f"temperature {s.temperature}")
+                   + (f", top-k {s.top_k}" if s.top_k else "") + f" ({pipe.family.name} defaults)", err=True)
+        return dict(steps=s.steps, guidance=s.guidance, temperature=s.temperature, schedule=s.schedule, greedy=s.greedy,
+                    top_k=s.top_k)
 
 
 def load_pipeline(model: str, dtype: Optional[str], quantize: Optional[int], low_ram: bool = False):
@@ -115,7 +117,7 @@ def load_pipeline(model: str, dtype: Optional[str], quantize: Optional[int], low
     return load(model, dtype=dtype, quantize=quantize, low_ram=low_ram, log=lambda m: typer.echo(m, err=True))
 
 
-def precheck(steps, guidance, temperature, schedule) -> None:
+def precheck(steps, guidance, temperature, schedule, top_k=None) -> None:
     """Validate generation options before loading gigabytes of weights."""
     from .pipeline import GenerationSettings
 
@@ -124,6 +126,7 @@ def precheck(steps, guidance, temperature, schedule) -> None:
         guidance if guidance is not None else 0.0,
         temperature if temperature is not None else 0.0,
         schedule or "cosine",
+        top_k=top_k,
     ).validate()
 
 
@@ -134,6 +137,7 @@ Guidance = typer.Option(None, "--guidance", "-g", help="CFG scale s in (1+s)·co
 Temperature = typer.Option(None, "--temperature", help="Re-masking noise temperature (default 1.0).")
 Schedule = typer.Option(None, "--schedule", help="Mask schedule: cosine, linear, powK (e.g. pow2), sigmoid.")
 Greedy = typer.Option(False, "--greedy", help="Deterministic: argmax sampling, no re-masking noise.")
+TopK = typer.Option(None, "--top-k", help="Sample each image token among the K most probable codes (Show-o Turbo; default: the model family's, 0 = off).")
 Seed = typer.Option(None, "--seed", "-s", help="Seed(s); one image per seed (repeat or comma-separate).")
 Dtype = typer.Option(None, "--dtype", help="Compute dtype: float32, float16, bfloat16.")
 Quantize = typer.Option(None, "--quantize", "-q", help="Quantize the transformer at load time to BITS.")
@@ -151,6 +155,7 @@ def generate(
     temperature: Optional[float] = Temperature,
     schedule: Optional[str] = Schedule,
     greedy: bool = Greedy,
+    top_k: Optional[int] = TopK,
     seed: Optional[List[str]] = Seed,
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt (seeds s, s+1, …)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="PNG path; {seed} and {i} are filled in (default showo_{seed}.png, or showo_{i}_{seed}.png for several prompts)."),
@@ -166,7 +171,7 @@ def generate(
     start = time.perf_counter()
     if num_images < 1:
         raise ShowoError(f"--num-images must be >= 1, got {num_images}")
-    options = GenerationOptions(steps, guidance, temperature, schedule, greedy)
+    options = GenerationOptions(steps, guidance, temperature, schedule, greedy, top_k)
     seeds = _seed_list(parse_seeds(seed), num_images)
     rows = [(p, s) for p in prompts for s in seeds]
     if output is None:
@@ -194,6 +199,7 @@ def inpaint(
     temperature: Optional[float] = Temperature,
     schedule: Optional[str] = Schedule,
     greedy: bool = Greedy,
+    top_k: Optional[int] = TopK,
     seed: Optional[List[str]] = Seed,
     num_images: int = typer.Option(1, "--num-images", "-n"),
     output: str = typer.Option("inpaint_{seed}.png", "--output", "-o"),
@@ -207,7 +213,7 @@ def inpaint(
     from .pipeline import _seed_list
 
     start = time.perf_counter()
-    options = GenerationOptions(steps, guidance, temperature, schedule, greedy)
+    options = GenerationOptions(steps, guidance, temperature, schedule, greedy, top_k)
     img, msk = load_image(image), load_mask(mask)  # bad files fail before the model loads
     seeds = _seed_list(parse_seeds(seed), num_images)
     paths = output_paths(output, seeds, force)
@@ -232,6 +238,7 @@ def extend(
     temperature: Optional[float] = Temperature,
     schedule: Optional[str] = Schedule,
     greedy: bool = Greedy,
+    top_k: Optional[int] = TopK,
     seed: Optional[List[str]] = Seed,
     output: str = typer.Option("extend_{seed}.png", "--output", "-o"),
     dtype: Optional[str] = Dtype,
@@ -247,7 +254,7 @@ def extend(
     bad = [d for d in direction if d.lower() not in DIRECTIONS]
     if bad:
         raise ShowoError(f"unknown direction {bad[0]!r}; choose from {', '.join(DIRECTIONS)}")
-    options = GenerationOptions(steps, guidance, temperature, schedule, greedy)
+    options = GenerationOptions(steps, guidance, temperature, schedule, greedy, top_k)
     img = load_image(image)
     seeds = _seed_list(parse_seeds(seed), 1)
     paths = output_paths(output, seeds, force)
@@ -353,6 +360,11 @@ def convert(
     vq_dtype: Optional[str] = typer.Option(None, "--vq-dtype", help="MAGVIT dtype (default float32, float16 when quantized)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: SRC's, else microsoft/phi-1_5)."),
     force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
+    vision_tower: Optional[str] = typer.Option(None, "--vision-tower", help="CLIP tower folder or Hub id for w_clip_vit checkpoints (default openai/clip-vit-large-patch14-336)."),
+    vision_dtype: Optional[str] = typer.Option(None, "--vision-dtype", help="CLIP tower dtype (default like MAGVIT's)."),
+    q_vision: bool = typer.Option(False, "--q-vision", help="With --quantize: quantize the CLIP tower's Linear layers too."),
+    no_vq: bool = typer.Option(False, "--no-vq", help="Leave MAGVIT out: an understanding-only folder (w_clip_vit checkpoints)."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family when SRC's name does not tell it (e.g. turbo-512 for a local Show-o Turbo copy)."),
 ):
     """Convert an official Show-o checkpoint into a showo-mlx folder."""
     from .convert import QuantizeSpec, check_dtype
@@ -365,7 +377,8 @@ def convert(
     if not quantize and (q_head_bits is not None):
         raise ShowoError("--q-head-bits needs --quantize")
     run(src, dst, dtype=dtype, quantize=spec, vq=vq, vq_dtype=vq_dtype, tokenizer=tokenizer, force=force,
-        log=lambda m: typer.echo(m, err=True))
+        log=lambda m: typer.echo(m, err=True), vision_tower=vision_tower, vision_dtype=vision_dtype,
+        quantize_vision=q_vision, no_vq=no_vq, family=family)
     closing_line(start)
 
 
@@ -391,8 +404,8 @@ def reconstruct(
     folder = resolve_model(model, log=lambda m: typer.echo(m, err=True))
     config = read_model_config(folder)
     grid = ShowoConfig.from_dict(config["showo"]).image_grid
+    vq = load_magvit(folder, config)  # first: a folder without MAGVIT (--no-vq) fails in one line
     resolution = grid[0] * MagvitConfig.from_dict(config["magvit"]).downsample_factor
-    vq = load_magvit(folder, config)
     pixels = preprocess_image(img, resolution)
     codes = vq.encode(mx.array(pixels))
     out = np.array(vq.decode(codes, shape=grid))

@@ -42,7 +42,9 @@ class PreparedData:
         self.codebook_size: int = index["codebook_size"]
         self.shards: list[dict] = index["shards"]
         self.starts = np.cumsum([0] + [s["count"] for s in self.shards])
+        self.clip: dict | None = index.get("clip")  # CLIP crops for w_clip_vit mmu rows
         self._codes: dict[int, np.ndarray] = {}
+        self._clip: dict[int, np.ndarray] = {}
         self._meta: OrderedDict[int, list[dict]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -53,6 +55,20 @@ class PreparedData:
             raise IndexError(i)
         s = int(np.searchsorted(self.starts, i, side="right") - 1)
         return s, i - int(self.starts[s])
+
+    def clip_pixels(self, i: int) -> np.ndarray:
+        """(H, W, 3) uint8 CLIP crop of row i (CLIPImageProcessor before rescaling)."""
+        s, j = self._locate(i)
+        if s not in self._clip:
+            self._clip[s] = np.load(self.folder / self.shards[s]["clip"], mmap_mode="r")
+        return np.asarray(self._clip[s][j])
+
+    def check_clip(self, what: str) -> None:
+        if not self.clip:
+            raise TrainingConfigError(
+                f"{what} {self.folder} holds no CLIP crops, which the mmu rows of a w_clip_vit model need; "
+                "re-run `showo prepare` with this model"
+            )
 
     def codes(self, i: int) -> np.ndarray:
         s, j = self._locate(i)
@@ -71,6 +87,11 @@ class PreparedData:
         return self._meta[s][j]
 
     def check_model(self, num_tokens: int, codebook_size: int, what: str) -> None:
+        if not self.num_tokens:
+            raise TrainingConfigError(
+                f"{what} {self.folder} holds no MAGVIT codes (prepared with an understanding-only model); "
+                "re-run `showo prepare` with a model that has MAGVIT-v2"
+            )
         if self.num_tokens != num_tokens or self.codebook_size != codebook_size:
             raise TrainingConfigError(
                 f"{what} {self.folder} holds {self.num_tokens} codes of {self.codebook_size} per image but the "
