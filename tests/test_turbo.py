@@ -181,3 +181,57 @@ def test_bad_top_k(bad):
     with pytest.raises(GenerationInputError, match="top-k"):
         decode_image_tokens(lambda t: mx.zeros((*t.shape, K)), np.full((1, 4), MASK), steps=2, mask_token_id=MASK,
                             image_token_offset=OFFSET, codebook_size=K, randomness=KeyedRandomness(0), top_k=bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the pipeline, the CLI and `showo bench`
+# ------------------------------------------------------------------------------------------------
+
+
+def test_generate_with_top_k_on_the_cli_records_it(converted, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from showo_mlx.cli import app
+    from showo_mlx.images import read_png_metadata
+
+    from PIL import Image
+
+    from showo_mlx.pipeline import Pipeline
+
+    monkeypatch.chdir(tmp_path)
+    # The option's way to the sampler and the metadata is under test here, not MAGVIT's decoder.
+    monkeypatch.setattr(Pipeline, "decode_codes", lambda self, codes, shape=None: [Image.new("RGB", (128, 128))] * len(codes))
+    r = CliRunner().invoke(app, ["generate", "a red cat", "--steps", "2", "--top-k", "5", "-s", "1", "--model", str(converted)])
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert "top-k 5" in r.stderr and "(show-o defaults)" in r.stderr
+    meta = read_png_metadata(tmp_path / "showo_1.png")
+    assert meta["top_k"] == "5" and meta["steps"] == "2"
+    bad = CliRunner().invoke(app, ["generate", "a red cat", "--top-k", "-3", "--model", str(converted)])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: top-k must be an integer >= 0")
+
+
+def test_pipeline_top_k_changes_a_seeded_image(pipe):
+    init = np.full((1, pipe.cfg.num_vq_tokens), pipe.cfg.mask_token_id)
+
+    def codes(top_k):
+        s = pipe.settings("generate", steps=2, top_k=top_k)
+        return pipe._decode_window(["a red cat"], init, [3], s)
+
+    a, b, c = codes(0), codes(1), codes(1)
+    assert (a != b).any() and (b == c).all()
+
+
+def test_bench_turbo_and_clip_rows():
+    from showo_mlx import bench
+
+    r = bench.run_bench(bench.BenchOptions(tiny=True, steps=1, tokens=3, phases=("t2i", "clip"), turbo=True, warmup=False))
+    t = r["t2i"]["turbo"]
+    assert t["steps"] == 4 and t["measured_steps"] == 1 and t["top_k"] == 200
+    assert t["image_s"] == pytest.approx(t["setup_s"] + 4 * t["step_s"] + r["t2i"]["decode_s"])
+    assert t["speedup"] == pytest.approx(r["t2i"]["cached"]["image_s"] / t["image_s"])
+    v = r["clip"]
+    assert v["prompt_positions"] == 1 + 28 + 1 + 16 + 1 + v["prompt_positions"] - 47 and v["tokens_agree"] == 3
+    table = " ".join(bench.format_table(r).split())
+    for row in ("Turbo step, N=64, no CFG, top-k 200", "Turbo image, 4 steps + decode, 1 measured, est.",
+                "Turbo speed-up vs Show-o's 18-step CFG image", "CLIP prefill", "CLIP per token (3 tokens; recompute at 3)"):
+        assert row in table, row
