@@ -186,7 +186,8 @@ def folder_components(opts: BenchOptions) -> Components:
     files = pipe.config.get("files", {})
     disk = {
         "transformer": sum((folder / f).stat().st_size for f in files.get("transformer", ["model.safetensors"])),
-        "magvit": (folder / files.get("magvit", "magvit.safetensors")).stat().st_size,
+        # an understanding-only folder (--no-vq) has no MAGVIT file
+        "magvit": (folder / files.get("magvit", "magvit.safetensors")).stat().st_size if "magvit" in pipe.config else 0,
         "folder": folder_size(folder),
     }
     vq_dtype = opts.vq_dtype or pipe.config.get("magvit_dtype", "float32")
@@ -693,6 +694,8 @@ def table_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
             (f"CLIP per token ({v['tokens']} tokens" + (f"; recompute at {f['measured_tokens']}" if f else "") + ")",
              _s(v["cached"]["token_s"]), _s(f.get("token_s")), _ratio(v.get("token_ratio")), _gb(v["cached"]["peak_bytes"])),
         ]
+        if f:
+            rows.append(("CLIP greedy tokens identical", f"{v['tokens_agree']}/{f['measured_tokens']}", "", "", ""))
     if "magvit" in r:
         m = r["magvit"]
         rows += [
