@@ -468,14 +468,14 @@ def clip_components(c: Components, opts: BenchOptions):
     to its penultimate layer; 1024 → 2048 projector), tiny ones for tests."""
     from .vision import ClipImageProcessor, ClipVisionConfig, ClipVisionTower, MMProjector, VisionEncoder
 
-    if opts.model is not None:
-        from .loading import resolve_model
-        from .pipeline import Pipeline
+    if opts.model is not None:  # the transformer loaded by folder_components carries the projector
+        from .loading import read_model_config, resolve_model
+        from .vision import load_vision
 
-        pipe = Pipeline(resolve_model(opts.model), name=opts.model)
-        if not pipe.cfg.w_clip_vit:
+        if not c.model.config.w_clip_vit:
             raise ShowoError(f"{opts.model} is not a w_clip_vit model; the clip phase needs one (or random weights)")
-        return pipe.vision, pipe.model.mm_projector
+        folder = resolve_model(opts.model)
+        return load_vision(folder, read_model_config(folder)), c.model.mm_projector
     if opts.tiny:
         vcfg = ClipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                                 image_size=56, patch_size=14)
