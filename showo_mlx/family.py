@@ -129,14 +129,3 @@ def resolve_family(source: str, w_clip_vit: bool, num_vq_tokens: int, family: st
             f"{source} has w_clip_vit={bool(w_clip_vit)}; pick another --family"
         )
     return fam
-
-
-def family_table() -> str:
-    """The README/`--help` table: Hub ids and their defaults."""
-    lines = ["| family | Hub ids | understanding | generate defaults |", "|---|---|---|---|"]
-    for f in FAMILIES:
-        g = f.generate
-        k = ", ".join(f"top-k {k} up to {s} steps" for s, k in g.top_k_by_steps)
-        lines.append(f"| {f.name} | {', '.join(f.hub_ids)} | {f.understanding} | {g.steps} steps, guidance {g.guidance:g}"
-                     + (f", {k}" if k else "") + f", {g.schedule} |")
-    return "\n".join(lines)
