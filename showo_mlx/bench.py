@@ -6,7 +6,12 @@ Three tasks, each the way the pipeline runs it and the way the reference runs it
   reference's full recompute of both rows over the whole vocabulary (`RecomputeImageLogits`);
 * ask: answer tokens with the KV cache (`generate_tokens`) vs the reference's full forward of the
   whole sequence per token (spec §6.9);
-* MAGVIT-v2 encode and decode.
+* MAGVIT-v2 encode and decode;
+* with `--turbo`, Show-o Turbo's image (4 steps, no CFG, top-k) beside Show-o's default image (18
+  steps at 256 px / 50 at 512 px, CFG): the user-visible speed-up of the Turbo checkpoints;
+* `--only clip`: the CLIP path of the w_clip_vit checkpoints (preprocessing, the CLIP tower up to
+  its penultimate layer, the projector, prefill over the ~640-position prompt, KV-cached tokens vs
+  the reference's full recompute per token).
 
 Without `--model` the full-size architecture is built with random weights (nothing is downloaded):
 speed and memory depend on shapes, not on values; `--random small` builds a scaled-down one for a
@@ -53,6 +58,8 @@ from .t2i import CachedImageLogits, RecomputeImageLogits, UncondPrefixStore
 PROMPT = "a red fox sitting in fresh snow at sunrise, highly detailed photograph"
 QUESTION = "What is shown in this image? Describe it in detail."
 PHASES = ("t2i", "ask", "magvit")
+ALL_PHASES = PHASES + ("clip",)  # clip runs on request (--only clip) or for a w_clip_vit --model
+TURBO_STEPS = 4
 
 
 RANDOM_SIZES = ("256", "512", "small")
@@ -79,6 +86,7 @@ class BenchOptions:
     tiny: bool = False  # a scaled-down architecture, for tests
     seed: int = 0
     sources: dict = field(default_factory=dict)  # --adapter-path/--adapter-scale/--vq/--tokenizer (with --model)
+    turbo: bool = False  # also time Show-o Turbo's image (4 steps, no CFG, top-k) in the t2i phase
 
     def validate(self) -> "BenchOptions":
         if self.sources and self.model is None:
@@ -90,9 +98,9 @@ class BenchOptions:
                 raise ShowoError(f"--{name.replace(' ', '-')} must be >= 1, got {value}")
         if self.tokens < 2:
             raise ShowoError("--tokens must be >= 2 (the per-token time is measured after the first token)")
-        bad = [p for p in self.phases if p not in PHASES]
+        bad = [p for p in self.phases if p not in ALL_PHASES]
         if bad:
-            raise ShowoError(f"unknown phase {bad[0]!r}; choose from {', '.join(PHASES)}")
+            raise ShowoError(f"unknown phase {bad[0]!r}; choose from {', '.join(ALL_PHASES)}")
         for d in (self.dtype, self.vq_dtype):
             if d is not None and d not in DTYPES:
                 raise ShowoError(f"unsupported dtype {d!r}; choose one of {list(DTYPES)}")
@@ -191,7 +199,8 @@ def folder_components(opts: BenchOptions) -> Components:
     files = pipe.config.get("files", {})
     disk = {
         "transformer": sum((folder / f).stat().st_size for f in files.get("transformer", ["model.safetensors"])),
-        "magvit": (folder / files.get("magvit", "magvit.safetensors")).stat().st_size,
+        # an understanding-only folder (--no-vq) has no MAGVIT file
+        "magvit": (folder / files.get("magvit", "magvit.safetensors")).stat().st_size if "magvit" in pipe.config else 0,
         "folder": folder_size(folder),
     }
     vq_dtype = pipe.vq_dtype or pipe.config.get("magvit_dtype", "float32")
@@ -351,6 +360,8 @@ def bench_t2i(c: Components, opts: BenchOptions, log) -> dict:
     out["decode_peak_bytes"] = peak_bytes()
     out["generate_peak_bytes"] = max(out["cached"]["peak_bytes"], out["decode_peak_bytes"])
     out["cached"]["image_s"] = setup + out["default_steps"] * out["cached"]["step_s"] + out["decode_s"]
+    if opts.turbo:
+        out["turbo"] = bench_turbo(c, opts, cond, init, out, log)
     del vq
     if opts.recompute:
         step_s = None
@@ -370,6 +381,46 @@ def bench_t2i(c: Components, opts: BenchOptions, log) -> dict:
         out["codes_identical"] = bool(np.array_equal(codes, cached_codes))
         out["codes_differing"] = int((codes != cached_codes).sum())
     return out
+
+
+def bench_turbo(c: Components, opts: BenchOptions, cond, init: np.ndarray, shown: dict, log) -> dict:
+    """Show-o Turbo's image: 4 steps without CFG (one row per step, only the cond prefix), top-k as
+    its family sets it (family.py), beside Show-o's default image measured just before."""
+    from .family import family_named
+
+    cfg = c.model.config
+    fam = family_named("turbo-512" if cfg.num_vq_tokens >= 1024 else "turbo-256")
+    steps, top_k = TURBO_STEPS, fam.generate.top_k(TURBO_STEPS)
+    measured = min(opts.steps or steps, steps)
+
+    def turbo_fn() -> CachedImageLogits:
+        return CachedImageLogits(c.model, c.prompting, cond, 0.0, UncondPrefixStore())
+
+    def run(fn, n):
+        times, last = [], [now()]
+
+        def tick(step, total, tokens):
+            t = now()
+            times.append(t - last[0])
+            last[0] = t
+
+        decode_image_tokens(fn, init, steps=n, mask_token_id=cfg.mask_token_id,
+                            image_token_offset=c.prompting.ids.image_offset, codebook_size=cfg.codebook_size,
+                            randomness=GreedyRandomness(), callback=tick, top_k=top_k)
+        return times
+
+    if opts.warmup:
+        log("t2i: Turbo warm-up (1 step, no CFG)")
+        run(turbo_fn(), 1)
+    log(f"t2i: Turbo, {measured} of {steps} steps, no CFG, top-k {top_k}")
+    reset_peak()
+    setup, fn = timed_call(turbo_fn)
+    times = run(fn, measured)
+    step_s = float(np.mean(times))
+    image_s = setup + steps * step_s + shown["decode_s"]
+    return {"family": fam.name, "steps": steps, "measured_steps": measured, "top_k": top_k, "setup_s": setup,
+            "step_s": step_s, "steps_s": times, "image_s": image_s, "peak_bytes": peak_bytes(),
+            "speedup": shown["cached"]["image_s"] / image_s}
 
 
 def reference_next_token(model: ShowoTransformer, ids: mx.array, eoi: int) -> int:
@@ -455,6 +506,98 @@ def bench_ask(c: Components, opts: BenchOptions, log) -> dict:
     return out
 
 
+def clip_components(c: Components, opts: BenchOptions):
+    """(VisionEncoder, projector) of a w_clip_vit --model, or random full-size ones (ViT-L/14-336 up
+    to its penultimate layer; 1024 → 2048 projector), tiny ones for tests."""
+    from .vision import ClipImageProcessor, ClipVisionConfig, ClipVisionTower, MMProjector, VisionEncoder
+
+    if opts.model is not None:  # the transformer loaded by folder_components carries the projector
+        from .loading import read_model_config, resolve_model
+        from .vision import load_vision
+
+        if not c.model.config.w_clip_vit:
+            raise ShowoError(f"{opts.model} is not a w_clip_vit model; the clip phase needs one (or random weights)")
+        folder = resolve_model(opts.model)
+        return load_vision(folder, read_model_config(folder)), c.model.mm_projector
+    if opts.tiny:
+        vcfg = ClipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                image_size=56, patch_size=14)
+        processor = ClipImageProcessor(shortest_edge=56, crop_height=56, crop_width=56)
+    else:
+        vcfg = ClipVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                num_attention_heads=16, image_size=336, patch_size=14)
+        processor = ClipImageProcessor()
+    dt = DTYPES[opts.dtype or "float32"]
+    tower, projector = ClipVisionTower(vcfg), MMProjector(vcfg.hidden_size, c.model.config.hidden_size, c.model.config.hidden_size)
+    tower.set_dtype(dt)
+    projector.set_dtype(dt)
+    mx.eval(tower.parameters(), projector.parameters())
+    return VisionEncoder(tower, processor), projector
+
+
+def bench_clip(c: Components, opts: BenchOptions, log) -> dict:
+    """The CLIP understanding path: preprocessing, tower, projector, prefill, KV-cached tokens, and
+    the reference's full recompute per token (`Showo.mmu_generate` with input embeddings)."""
+    from PIL import Image
+
+    from .decoding import generate_tokens
+    from .layout import mmu_vit_layout
+
+    vision, projector = clip_components(c, opts)
+    rng = np.random.default_rng(opts.seed)
+    picture = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    out: dict = {"tower_layers": len(vision.tower.layers), "tower_params": param_count(vision.tower),
+                 "tokens": opts.tokens}
+    start = now()
+    pixels = mx.array(vision.processor(picture))
+    out["preprocess_s"] = now() - start
+    if opts.warmup:
+        mx.eval(projector(vision.tower(pixels)))
+    reset_peak()
+    out["tower_s"], features = timed_call(functools.partial(vision.tower, pixels))
+    out["projector_s"], image = timed_call(functools.partial(projector, features))
+    # The prompt: [mmu] + system (28 tokens with phi-1.5) + [soi] + image + [eoi] + question.
+    system = c.prompting.encode("A chat between a curious user and an artificial intelligence assistant. "
+                                "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+    ids = [c.prompting.ids.mmu, *system, c.prompting.ids.soi, c.prompting.ids.eoi,
+           *c.prompting.encode(f"USER: {QUESTION} ASSISTANT:")]
+    start_img = 2 + len(system)
+    text = c.model.embed_tokens(mx.array([ids]))
+    emb = mx.concatenate([text[:, :start_img], image.astype(text.dtype), text[:, start_img:]], axis=1)
+    mx.eval(emb)
+    layout = mmu_vit_layout(emb.shape[1], len(system), image.shape[1])
+    mask = attention_mask([layout])
+    out["prompt_positions"] = int(emb.shape[1])
+
+    def answer(n):
+        stamps, tokens, t0 = [], [], now()
+        for token in generate_tokens(c.model, None, mask=mask, max_tokens=n, stop_ids=(), prompt_embeddings=emb):
+            tokens.append(token)
+            stamps.append(now() - t0)
+        return tokens, stamps
+
+    if opts.warmup:
+        answer(2)
+    tokens, stamps = answer(opts.tokens)
+    out["cached"] = {"prefill_s": stamps[0], "token_s": (stamps[-1] - stamps[0]) / (opts.tokens - 1),
+                     "peak_bytes": peak_bytes()}
+    if opts.recompute:
+        positions = recompute_positions(opts.tokens, opts.recompute_tokens)
+        times, agree = [], 0
+        for p in positions:
+            seq = emb if not p else mx.concatenate([emb, c.model.embed_tokens(mx.array([tokens[:p]]))], axis=1)
+            grown = attention_mask([mmu_vit_layout(seq.shape[1], len(system), image.shape[1])])
+            t0 = now()
+            logits = c.model(None, input_embeddings=seq, mask=grown)[:, -1, :]  # every position, full vocabulary
+            token = int(mx.argmax(logits, axis=-1).item())
+            times.append(now() - t0)
+            agree += int(token == tokens[p])
+        out["recompute"] = {"token_s": float(np.mean(times)), "positions": positions, "measured_tokens": len(positions)}
+        out["token_ratio"] = out["recompute"]["token_s"] / out["cached"]["token_s"]
+        out["tokens_agree"] = agree
+    return out
+
+
 def bench_magvit(c: Components, opts: BenchOptions, log) -> dict:
     cfg = c.model.config
     grid = int(round(cfg.num_vq_tokens**0.5))
@@ -505,8 +648,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda m: None) -
             "transformer_bytes": tree_bytes(c.model), "load_s": load_s, "disk_bytes": c.disk_bytes,
         },
     }
-    phases = {"t2i": bench_t2i, "ask": bench_ask, "magvit": bench_magvit}
-    for name in PHASES:
+    phases = {"t2i": bench_t2i, "ask": bench_ask, "magvit": bench_magvit, "clip": bench_clip}
+    for name in ALL_PHASES:
         if name in opts.phases:
             result[name] = phases[name](c, opts, log)
             result["meta"]["load_average"][name] = _loadavg()
@@ -563,6 +706,14 @@ def table_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
         if f:
             same = "yes" if t["codes_identical"] else f"no ({t['codes_differing']} differ)"
             rows.append(("t2i greedy codes identical", same, "", "", ""))
+        if "turbo" in t:
+            u = t["turbo"]
+            est = "" if u["measured_steps"] == u["steps"] else f", {u['measured_steps']} measured, est."
+            rows += [
+                (f"Turbo step, N={t['tokens']}, no CFG, top-k {u['top_k']}", _s(u["step_s"]), "", "", _gb(u["peak_bytes"])),
+                (f"Turbo image, {u['steps']} steps + decode{est}", _s(u["image_s"]), "", "", ""),
+                (f"Turbo speed-up vs Show-o's {t['default_steps']}-step CFG image", _ratio(u["speedup"]), "", "", ""),
+            ]
     if "ask" in r:
         a = r["ask"]
         c, f = a["cached"], a.get("recompute", {})
@@ -579,6 +730,18 @@ def table_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
         ]
         if f:
             rows.append(("ask greedy tokens identical", f"{a['tokens_agree']}/{f['measured_tokens']}", "", "", ""))
+    if "clip" in r:
+        v = r["clip"]
+        f = v.get("recompute", {})
+        rows += [
+            ("CLIP preprocess (CLIPImageProcessor)", _s(v["preprocess_s"]), "", "", ""),
+            (f"CLIP tower ({v['tower_layers']} layers) + projector", _s(v["tower_s"] + v["projector_s"]), "", "", ""),
+            (f"CLIP prefill ({v['prompt_positions']} positions)", _s(v["cached"]["prefill_s"]), "-", "", ""),
+            (f"CLIP per token ({v['tokens']} tokens" + (f"; recompute at {f['measured_tokens']}" if f else "") + ")",
+             _s(v["cached"]["token_s"]), _s(f.get("token_s")), _ratio(v.get("token_ratio")), _gb(v["cached"]["peak_bytes"])),
+        ]
+        if f:
+            rows.append(("CLIP greedy tokens identical", f"{v['tokens_agree']}/{f['measured_tokens']}", "", "", ""))
     if "magvit" in r:
         m = r["magvit"]
         rows += [
@@ -660,7 +823,8 @@ def register(app) -> None:
         recompute_tokens: int = typer.Option(
             DEFAULT_RECOMPUTE_TOKENS, "--recompute-tokens", help="Time the reference's recompute at this many evenly spaced answer positions (>= --tokens: all)."),
         no_recompute: bool = typer.Option(False, "--no-recompute", help="Skip the reference-style paths; off by default."),
-        only: Optional[List[str]] = typer.Option(None, "--only", help="Phases to run: t2i, ask, magvit (repeat; default all)."),
+        only: Optional[List[str]] = typer.Option(None, "--only", help="Phases to run: t2i, ask, magvit, clip (repeat; default t2i, ask, magvit)."),
+        turbo: bool = typer.Option(False, "--turbo", help="Also time Show-o Turbo's image (4 steps, no CFG, top-k) beside Show-o's default; off by default."),
         low_ram: bool = typer.Option(False, "--low-ram", help="Cap MLX's buffer cache, throttle MAGVIT, drop its encoder early; off by default."),
         no_warmup: bool = typer.Option(False, "--no-warmup", help="Skip warm-ups, and so the ETAs (memory-only runs of slow configs); off by default."),
         json_out: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file (default: none)."),
@@ -684,6 +848,7 @@ def register(app) -> None:
             recompute_tokens=recompute_tokens, recompute=not no_recompute, phases=tuple(only) if only else PHASES,
             low_ram=low_ram, warmup=not no_warmup, tiny=small,
             sources={k: v for k, v in current_sources().items() if (k, v) != ("adapter_scale", 1.0)},
+            turbo=turbo,
         ).validate()
         hint = slow_blas_hint()
         if hint:

@@ -148,21 +148,22 @@ class StepProgress:
 class GenerationOptions:
     """The generation options shared by generate, inpaint and extend."""
 
-    def __init__(self, steps, guidance, temperature, schedule, greedy, force: bool = False):
-        self.overrides = dict(steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+    def __init__(self, steps, guidance, temperature, schedule, greedy, force: bool = False, top_k=None):
+        self.overrides = dict(steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy, top_k=top_k)
         self.allow_long = force  # --force also lifts the library's bounds on work (steps > 1000)
-        precheck(steps, guidance, temperature, schedule, force)  # before loading gigabytes of weights
+        precheck(steps, guidance, temperature, schedule, force, top_k)  # before loading gigabytes of weights
 
     def resolve(self, pipe, task: str) -> dict:
         """The model's defaults for `task` with the user's overrides, as keyword arguments."""
         s = pipe.settings(task, allow_long=self.allow_long, **self.overrides)
         say(f"{pipe.name}: {task}, {s.steps} steps, guidance {s.guidance}, schedule {s.schedule}, "
-            + ("greedy" if s.greedy else f"temperature {s.temperature}"))
+            + ("greedy" if s.greedy else f"temperature {s.temperature}")
+            + (f", top-k {s.top_k}" if s.top_k else "") + f" ({pipe.family.name} defaults)")
         return dict(steps=s.steps, guidance=s.guidance, temperature=s.temperature, schedule=s.schedule, greedy=bool(s.greedy),
-                    allow_long=self.allow_long)
+                    top_k=s.top_k, allow_long=self.allow_long)
 
 
-def precheck(steps, guidance, temperature, schedule, allow_long: bool = False) -> None:
+def precheck(steps, guidance, temperature, schedule, allow_long: bool = False, top_k=None) -> None:
     """Validate generation options before loading gigabytes of weights."""
     from .pipeline import GenerationSettings
 
@@ -171,6 +172,7 @@ def precheck(steps, guidance, temperature, schedule, allow_long: bool = False) -
         guidance if guidance is not None else 0.0,
         temperature if temperature is not None else 0.0,
         schedule or "cosine",
+        top_k=top_k,
     ).validate(allow_long)
 
 
@@ -207,6 +209,7 @@ TextTemperature = typer.Option(0.0, "--temperature", "--temp", help="Sampling te
 TopK = typer.Option(0, "--top-k", help="Sample among the k likeliest tokens; 0 = no limit.")
 TopP = typer.Option(0.0, "--top-p", help="Nucleus sampling mass; 0 = off.")
 TextSeed = typer.Option(None, "--seed", help="Sampling seed from 0 to 2**63 - 1 (default: random; unused when greedy).")
+ImageTopK = typer.Option(None, "--top-k", help="Sample each image token among the K most probable codes (Show-o Turbo; default: the model family's, 0 = off).")
 
 
 def output_option(default: str) -> typer.Option:
@@ -231,6 +234,7 @@ def generate(
     temperature: Optional[float] = Temperature,
     schedule: Optional[str] = Schedule,
     greedy: Optional[bool] = Greedy,
+    top_k: Optional[int] = ImageTopK,
     seed: Optional[List[str]] = Seed,
     num_images: Optional[int] = NumImages,
     output: Optional[str] = output_option("image.png"),
@@ -263,6 +267,7 @@ def generate(
         steps, guidance = steps if steps is not None else record["steps"], guidance if guidance is not None else record["guidance"]
         temperature = temperature if temperature is not None else record["temperature"]
         schedule, greedy = schedule or record["schedule"], greedy if greedy is not None else record["greedy"]
+        top_k = top_k if top_k is not None else record.get("top_k")
         model, dtype = model or record["model"], dtype or record.get("dtype")
         if spec is None and record.get("quantize"):
             q = record["quantize"]
@@ -273,7 +278,7 @@ def generate(
     n = 1 if num_images is None else num_images
     if n < 1:
         raise ShowoError(f"--num-images must be >= 1, got {n}")
-    options = GenerationOptions(steps, guidance, temperature, schedule, greedy, force)
+    options = GenerationOptions(steps, guidance, temperature, schedule, greedy, force, top_k)
     seeds = _seed_list(seeds, n)
     rows = [(p, s) for p in prompts for s in seeds]
     save = Saver(_plan(output, "image.png", [s for _, s in rows], force))
@@ -311,6 +316,7 @@ def inpaint(
     temperature: Optional[float] = Temperature,
     schedule: Optional[str] = Schedule,
     greedy: Optional[bool] = Greedy,
+    top_k: Optional[int] = ImageTopK,
     seed: Optional[List[str]] = Seed,
     num_images: Optional[int] = NumImages,
     output: Optional[str] = output_option("inpaint.png"),
@@ -330,7 +336,7 @@ def inpaint(
     image, mask, prompt = fill_slots([("IMAGE", "--image", image_opt), ("MASK", "--mask", mask_opt), ("PROMPT", "--prompt", prompt_opt)],
                                      [image, mask, prompt])
     spec = quantize_spec(quantize, q_bits, q_group_size, q_head_bits)
-    options = GenerationOptions(steps, guidance, temperature, schedule, greedy, force)
+    options = GenerationOptions(steps, guidance, temperature, schedule, greedy, force, top_k)
     img, msk = load_image(image), load_mask(mask)  # bad files fail before the model loads
     seeds = _seed_list(parse_seeds(seed), num_images or 1)
     save = Saver(_plan(output, "inpaint.png", seeds, force))
@@ -363,6 +369,7 @@ def extend(
     temperature: Optional[float] = Temperature,
     schedule: Optional[str] = Schedule,
     greedy: Optional[bool] = Greedy,
+    top_k: Optional[int] = ImageTopK,
     seed: Optional[List[str]] = Seed,
     num_images: Optional[int] = NumImages,
     output: Optional[str] = output_option("extend.png"),
@@ -391,7 +398,7 @@ def extend(
     if bad:
         raise ShowoError(f"unknown direction {bad[0]!r}; choose from {', '.join(DIRECTIONS)}")
     spec = quantize_spec(quantize, q_bits, q_group_size, q_head_bits)
-    options = GenerationOptions(steps, guidance, temperature, schedule, greedy, force)
+    options = GenerationOptions(steps, guidance, temperature, schedule, greedy, force, top_k)
     img = load_image(image_opt)
     seeds = _seed_list(parse_seeds(seed), num_images or 1)
     save = Saver(_plan(output, "extend.png", seeds, force))
@@ -549,6 +556,11 @@ def convert(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: SRC's, else microsoft/phi-1_5)."),
     force: bool = typer.Option(False, "--force", help="Replace DST only if it is empty or a previous showo-mlx model folder; off by default."),
     upload_repo: Optional[str] = typer.Option(None, "--upload-repo", help="Then publish the folder as this Hub repo (owner/name), which `--model owner/name` loads (default: no upload)."),
+    vision_tower: Optional[str] = typer.Option(None, "--vision-tower", help="CLIP tower folder or Hub id for w_clip_vit checkpoints (default openai/clip-vit-large-patch14-336)."),
+    vision_dtype: Optional[str] = typer.Option(None, "--vision-dtype", help="CLIP tower dtype (default like MAGVIT's)."),
+    q_vision: bool = typer.Option(False, "--q-vision", help="With -q: quantize the CLIP tower's Linear layers too; off by default."),
+    no_vq: bool = typer.Option(False, "--no-vq", help="Leave MAGVIT out: an understanding-only folder (w_clip_vit checkpoints); off by default."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family when SRC's name does not tell it, e.g. turbo-512 for a local Show-o Turbo copy (default: from SRC's name and config)."),
 ):
     """Convert an official Show-o checkpoint into a showo-mlx folder."""
     from .convert import check_dtype
@@ -562,7 +574,8 @@ def convert(
         from .convert import check_upload_repo
 
         check_upload_repo(upload_repo)  # before converting gigabytes
-    out = run(src, dst, dtype=dtype, quantize=spec, vq=vq, vq_dtype=vq_dtype, tokenizer=tokenizer, force=force, log=say)
+    out = run(src, dst, dtype=dtype, quantize=spec, vq=vq, vq_dtype=vq_dtype, tokenizer=tokenizer, force=force, log=say,
+              vision_tower=vision_tower, vision_dtype=vision_dtype, quantize_vision=q_vision, no_vq=no_vq, family=family)
     if upload_repo:
         from .convert import upload_folder_to_hub
 
@@ -597,8 +610,8 @@ def reconstruct(
     folder = resolve_model(model, log=say, **current_sources(adapters=False))
     config = read_model_config(folder)
     grid = ShowoConfig.from_dict(config["showo"]).image_grid
+    vq = load_magvit(folder, config)  # first: a folder without MAGVIT (--no-vq) fails in one line
     resolution = grid[0] * MagvitConfig.from_dict(config["magvit"]).downsample_factor
-    vq = load_magvit(folder, config)
     pixels = preprocess_image(img, resolution)
     codes = vq.encode(mx.array(pixels))
     out = np.array(vq.decode(codes, shape=grid))

@@ -204,3 +204,19 @@ def check_converted_config(config: Any, where: str = "config.json") -> None:
     for name in transformer:
         _plain_file_name(name, "every files.transformer entry", where)
     _plain_file_name(files.get("magvit", "magvit.safetensors"), "files.magvit", where)
+    if "vision" in files:
+        _plain_file_name(files["vision"], "files.vision", where)
+    family = config.get("family")
+    if family is not None:
+        from .family import BY_NAME
+
+        if not isinstance(family, str) or family not in BY_NAME:
+            raise fail(where, f"family must be one of {sorted(BY_NAME)}, got {_show.repr(family)}")
+    vision = config.get("vision")
+    if vision is not None:
+        require_object(vision, f"{where} (vision)")
+        _plain_file_name(vision.get("file", "vision.safetensors"), "vision.file", where)
+        if "dtype" in vision and (not isinstance(vision["dtype"], str) or vision["dtype"] not in DTYPES):
+            raise fail(where, f"vision.dtype must be one of {list(DTYPES)}, got {_show.repr(vision['dtype'])}")
+        if vision.get("quantization") is not None:
+            _check_quant(vision["quantization"], where, "quantization of the vision tower")

@@ -3,7 +3,8 @@
     DST/config.json          {"model_type": "showo", "showo": {...}, "magvit": {...}, "dtype": ...,
                               "quantization": {"group_size": g, "bits": b, <path>: {...}}}  (mlx-lm format)
     DST/model.safetensors    the transformer (model-0000i-of-0000n.safetensors + index above 5 GB)
-    DST/magvit.safetensors   MAGVIT-v2 (always float: 16 or 32 bit)
+    DST/magvit.safetensors   MAGVIT-v2 (always float: 16 or 32 bit; absent with --no-vq)
+    DST/vision.safetensors   the CLIP tower of w_clip_vit checkpoints (float or quantized)
     DST/tokenizer files      phi-1_5's tokenizer (from SRC, --tokenizer, or the Hub)
 
 Everything is written into a temporary sibling folder and renamed into place at the end, so a
@@ -74,10 +75,11 @@ def check_dtype(dtype: str) -> mx.Dtype:
 
 # -- key mapping ---------------------------------------------------------------------------------
 def sanitize_showo_weights(weights: dict[str, Any]) -> dict[str, Any]:
-    """Official `Showo` keys → ours: `showo.model.X` → `X`, `showo.lm_head.*` → `lm_head.*`.
+    """Official `Showo` keys → ours: `showo.model.X` → `X`, `showo.lm_head.*` → `lm_head.*`, the CLIP
+    projector of w_clip_vit checkpoints `mm_projector.{0,2}.*` → `mm_projector.{fc1,fc2}.*`."""
+    from .vision import projector_keys, sanitize_projector_weights
 
-    The CLIP projector (`mm_projector.*`, w_clip_vit variants) is not part of this port."""
-    out = {}
+    out = sanitize_projector_weights(projector_keys(weights))
     for key, value in weights.items():
         if key.startswith("mm_projector."):
             continue
@@ -212,15 +214,14 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def load_showo_source(src: Path) -> tuple[ShowoConfig, dict[str, mx.array]]:
     cfg = ShowoConfig.from_hub_dict(read_json(src / "config.json"))
-    if cfg.w_clip_vit:
-        raise ShowoError(
-            f"{src} is a w_clip_vit checkpoint (CLIP understanding path), which showo-mlx does not "
-            "support yet; use showlab/show-o or showlab/show-o-512x512"
-        )
-    # One tensor at a time: the 5.8 GB float32 checkpoint is never held twice.
-    stream = finite_weights(iter_checkpoint(src, select=lambda k: not k.startswith("mm_projector.")), src)
-    weights = {k: mx.array(v) for k, v in stream}
-    return cfg, require_float(sanitize_showo_weights(weights), src)
+    # One tensor at a time: the 5.8 GB float32 checkpoint is never held twice. The CLIP projector is
+    # read only for w_clip_vit checkpoints (their transformer is built with it).
+    keep = (lambda k: True) if cfg.w_clip_vit else (lambda k: not k.startswith("mm_projector."))
+    weights = {k: mx.array(v) for k, v in finite_weights(iter_checkpoint(src, select=keep), src)}
+    weights = require_float(sanitize_showo_weights(weights), src)
+    if cfg.w_clip_vit and not any(k.startswith("mm_projector.") for k in weights):
+        raise CheckpointError(f"{src} says w_clip_vit but holds no mm_projector weights; re-download the checkpoint")
+    return cfg, weights
 
 
 def load_magvit_source(vq: Path) -> tuple[MagvitConfig, dict[str, mx.array]]:
@@ -269,6 +270,11 @@ def convert(
     force: bool = False,
     log=print,
     source: dict[str, Any] | None = None,
+    vision_tower: str | Path | None = None,
+    vision_dtype: str | None = None,
+    quantize_vision: bool = False,
+    no_vq: bool = False,
+    family: str | None = None,
 ) -> Path:
     """Convert an official Show-o checkpoint (Hub id or folder) into a showo-mlx folder at `dst`.
 
@@ -277,8 +283,15 @@ def convert(
 
     `dtype` defaults to float32, and to float16 when quantizing: the scales, biases, LayerNorms and
     any unquantized embedding/head are then stored in float16 (1.007 → 0.961 GB for the 4-bit,
-    group-128 model), the precision Apple silicon computes quantized matmuls in anyway."""
+    group-128 model), the precision Apple silicon computes quantized matmuls in anyway.
+
+    w_clip_vit checkpoints also get their CLIP tower (`vision_tower`, default
+    openai/clip-vit-large-patch14-336; stored in `vision_dtype`, default like MAGVIT's, and quantized
+    like the transformer with `quantize_vision`); `no_vq` leaves MAGVIT out (an understanding-only
+    folder). `family` names the checkpoint's family (family.py) when SRC's name does not tell it."""
+    from .family import resolve_family
     from .magvit import MagvitV2
+    from .vision import DEFAULT_VISION_TOWER, attach_projector, convert_vision_tower, projector_shape, resolve_vision_source
 
     requested = {"dtype": dtype, "vq_dtype": vq_dtype}  # as given, for an already converted SRC
     dtype = dtype or ("float16" if quantize is not None else "float32")
@@ -288,6 +301,8 @@ def convert(
     vq_dtype = vq_dtype or ("float16" if quantize is not None or dtype != "float32" else "float32")
     if vq_dtype not in ("float32", "float16", "bfloat16"):
         raise ShowoError(f"unsupported MAGVIT dtype {vq_dtype!r}; choose float32, float16 or bfloat16")
+    if vision_dtype is not None and vision_dtype not in DTYPES:
+        raise ShowoError(f"unsupported vision tower dtype {vision_dtype!r}; choose float32, float16 or bfloat16")
     dst = Path(dst)
     if dst.exists() and not force:
         raise ShowoError(f"{dst} already exists; choose another destination or pass --force to replace it")
@@ -296,23 +311,37 @@ def convert(
     if is_converted(src_dir):
         return convert_converted(src_dir, dst, quantize=quantize, vq=vq, tokenizer=tokenizer, force=force, log=log,
                                  **requested)
-    vq_dir = resolve_source(vq or DEFAULT_VQ, kind="vq")
+    src_cfg = ShowoConfig.from_hub_dict(read_json(src_dir / "config.json"))
+    named = (source or {}).get("model", str(src))  # the Hub id, when the model cache converts a downloaded snapshot
+    fam = resolve_family(named, src_cfg.w_clip_vit, src_cfg.num_vq_tokens, family)
+    if no_vq and not src_cfg.w_clip_vit:
+        raise ShowoError("--no-vq makes an understanding-only folder, which only w_clip_vit checkpoints can use "
+                         "(the others answer through MAGVIT tokens); drop --no-vq")
+    if vision_tower is not None and not src_cfg.w_clip_vit:
+        raise ShowoError(f"{src} is not a w_clip_vit checkpoint and uses no vision tower; drop --vision-tower")
+    if quantize_vision and quantize is None:
+        raise ShowoError("--q-vision quantizes the CLIP tower like the transformer: it needs --quantize")
+    vision_dir = resolve_vision_source(vision_tower or DEFAULT_VISION_TOWER) if src_cfg.w_clip_vit else None
+    vq_dir = None if no_vq else resolve_source(vq or DEFAULT_VQ, kind="vq")
     if tokenizer is not None:
         tok_dir = resolve_source(tokenizer, kind="tokenizer")
     elif _has_tokenizer(src_dir):
         tok_dir = src_dir
     else:
         tok_dir = resolve_source(DEFAULT_TOKENIZER, kind="tokenizer")
-    check_output_folder(dst, force=force, inputs=(src, src_dir, vq, vq_dir, tokenizer, tok_dir),
+    check_output_folder(dst, force=force, inputs=(src, src_dir, vq, vq_dir, tokenizer, tok_dir, vision_tower, vision_dir),
                         is_previous_output=is_converted, command="`showo convert`")
 
     # Check configs and weight files of every input before reading gigabytes of any of them.
-    ShowoConfig.from_hub_dict(read_json(src_dir / "config.json"))
-    MagvitConfig.from_hub_dict(read_json(vq_dir / "config.json"))
-    find_weight_files(src_dir), find_weight_files(vq_dir)
+    if vq_dir is not None:
+        MagvitConfig.from_hub_dict(read_json(vq_dir / "config.json"))
+        find_weight_files(vq_dir)
+    find_weight_files(src_dir)
     log(f"reading Show-o weights from {src_dir}")
     cfg, weights = load_showo_source(src_dir)
     model = ShowoTransformer(cfg)
+    proj_shape = projector_shape(weights)  # read before quantization packs the weights
+    attach_projector(model, proj_shape)
     check_complete(model, weights, str(src_dir))
     model.load_weights([(k, v.astype(target)) for k, v in weights.items()])
     del weights
@@ -322,31 +351,46 @@ def convert(
         "showo_mlx_version": __version__,
         "dtype": dtype,
         "showo": cfg.to_dict(),
-        "source": source or {"model": str(src), "vq": str(vq or DEFAULT_VQ)},
+        "source": source or {"model": str(src), "vq": None if no_vq else str(vq or DEFAULT_VQ)},
+        "family": fam.name,
     }
     if quantize is not None:
         config["quantization"] = quantize_transformer(model, quantize)
         log(f"quantized to {quantize.bits} bits (group {quantize.group_size}, embeddings/head: "
             f"{quantize.head_bits or 'float'})")
 
-    log(f"reading MAGVIT-v2 weights from {vq_dir}")
-    vq_cfg, vq_weights = load_magvit_source(vq_dir)
-    check_complete(MagvitV2(vq_cfg), vq_weights, str(vq_dir))
-    config["magvit"] = vq_cfg.to_dict()
-    config["magvit_dtype"] = vq_dtype
+    vq_weights = None
+    if vq_dir is not None:
+        log(f"reading MAGVIT-v2 weights from {vq_dir}")
+        vq_cfg, vq_weights = load_magvit_source(vq_dir)
+        check_complete(MagvitV2(vq_cfg), vq_weights, str(vq_dir))
+        config["magvit"] = vq_cfg.to_dict()
+        config["magvit_dtype"] = vq_dtype
+    vision_weights = None
+    if vision_dir is not None:
+        log(f"reading the CLIP vision tower from {vision_dir}")
+        vision_block, vision_weights = convert_vision_tower(
+            vision_dir, dtype=DTYPES[vision_dtype or vq_dtype], quantize=quantize if quantize_vision else None)
+        config["vision"] = {**vision_block, "source": str(vision_tower or DEFAULT_VISION_TOWER),
+                            "projector": list(proj_shape)}
 
     from mlx.utils import tree_flatten
 
     with atomic_output_dir(dst, force=force) as tmp:
         files = save_sharded(tmp, dict(tree_flatten(model.parameters())))
-        vq_target = DTYPES[vq_dtype]
-        mx.save_safetensors(
-            str(tmp / "magvit.safetensors"),
-            {k: v.astype(vq_target) for k, v in vq_weights.items()},
-            metadata={"format": "mlx"},
-        )
+        config["files"] = {"transformer": files}
+        if vq_weights is not None:
+            vq_target = DTYPES[vq_dtype]
+            mx.save_safetensors(
+                str(tmp / "magvit.safetensors"),
+                {k: v.astype(vq_target) for k, v in vq_weights.items()},
+                metadata={"format": "mlx"},
+            )
+            config["files"]["magvit"] = "magvit.safetensors"
+        if vision_weights is not None:
+            mx.save_safetensors(str(tmp / config["vision"]["file"]), vision_weights, metadata={"format": "mlx"})
+            config["files"]["vision"] = config["vision"]["file"]
         copy_tokenizer(tok_dir, tmp)
-        config["files"] = {"transformer": files, "magvit": "magvit.safetensors"}
         check_converted_config(config, "the converted config")  # what loads the folder later accepts
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     log(f"wrote {dst} ({folder_size(dst) / 1e6:.1f} MB)")

@@ -52,8 +52,11 @@ def generate_tokens(
     max_tokens: int,
     stop_ids: Sequence[int],
     options: SamplingOptions | None = None,
+    prompt_embeddings: mx.array | None = None,
 ) -> Iterator[int]:
     """Yield new token ids (batch 1); a stop token is yielded, then generation ends (as reference).
+    The prompt is `prompt_ids` or, when given, `prompt_embeddings` (the CLIP path's spliced input;
+    generated tokens are then fed back as token embeddings, as `Showo.mmu_generate` does).
 
     Pipelined as mlx-lm does: the graph of token t+1 is built and queued (`mx.async_eval`) before
     token t is read back to Python, so building the graph overlaps the computation instead of
@@ -72,7 +75,7 @@ def generate_tokens(
     def sample(logits: mx.array) -> mx.array:
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
-    y = sample(last_logits(model, prompt_ids, mask=mask, cache=cache))
+    y = sample(last_logits(model, prompt_ids, mask=mask, cache=cache, input_embeddings=prompt_embeddings))
     mx.async_eval(y)
     for n in range(max_tokens):
         if n + 1 < max_tokens:

@@ -27,6 +27,11 @@ ALLOW_PATTERNS = {
     "config": ["config.json"],
     # a converted showo-mlx folder: transformer (maybe sharded), MAGVIT, tokenizer, model card
     "converted": ["config.json", "*.safetensors", "*.safetensors.index.json", "README.md", *TOKENIZER_PATTERNS],
+    # The CLIP tower repository also holds TF/Flax copies: fetch safetensors, the .bin only as fallback.
+    "vision": ["config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json",
+               "model-*.safetensors"],
+    "vision_bin": ["config.json", "preprocessor_config.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                   "pytorch_model-*.bin"],
 }
 # The option that replaces each kind of download with a local folder (named in error messages).
 LOCAL_OPTION = {"model": "--model PATH", "config": "--model PATH", "converted": "--model PATH", "vq": "--vq PATH",

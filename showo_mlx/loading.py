@@ -264,6 +264,10 @@ def load_transformer(
     cfg = ShowoConfig.from_dict(config["showo"])
     model = ShowoTransformer(cfg)
     weights = _load_safetensors(folder, config.get("files", {}).get("transformer", ["model.safetensors"]))
+    if cfg.w_clip_vit:  # the CLIP projector is part of the transformer's weights
+        from .vision import attach_projector, projector_shape_of
+
+        attach_projector(model, projector_shape_of(config, weights))
     block = config.get("quantization")
     if block:
         if quantize is not None:
@@ -409,7 +413,10 @@ def load_magvit(folder: Path, config: dict[str, Any] | None = None, *, dtype: st
     folder = Path(folder)
     config = config or read_model_config(folder)
     if "magvit" not in config:
-        raise ShowoConfigError(f"{folder} has no MAGVIT-v2 weights; re-convert with --vq")
+        raise ShowoConfigError(
+            f"{folder} was converted without MAGVIT-v2 (--no-vq): it only answers questions (ask, caption); "
+            "re-convert without --no-vq to work with images"
+        )
     vq_cfg = MagvitConfig.from_dict(config["magvit"])
     dtype = dtype or config.get("magvit_dtype", "float32")
     weights = _load_safetensors(folder, [config.get("files", {}).get("magvit", "magvit.safetensors")])

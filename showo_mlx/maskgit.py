@@ -18,6 +18,10 @@ Every step (reference order):
 
 and the result is the last step's `sampled` (not the re-masked tokens).
 
+Top-k (Show-o Turbo, `sample_t2i.py` of SJTU-Deng-Lab/Show-o-Turbo): the categorical draw is taken
+from the k most probable codes, renormalised (`torch.topk` then `topk_probs /= topk_probs.sum()`),
+while `conf` keeps reading the full softmax. It changes only what `categorical` sees.
+
 Randomness is injected through a `MaskGitRandomness` object so that the same loop serves seeded
 generation (`KeyedRandomness`), deterministic comparison with the reference (`GreedyRandomness`) and
 replay of recorded reference draws (`ReplayRandomness`).
@@ -47,6 +51,7 @@ __all__ = [
     "GreedyRandomness",
     "ReplayRandomness",
     "gumbel_from_uniform",
+    "top_k_probs",
     "GenerationCancelled",
     "decode_image_tokens",
 ]
@@ -313,6 +318,19 @@ class ReplayRandomness:
         return None if self.uniform_draws is None else self._at(self.uniform_draws, step, shape)
 
 
+def top_k_probs(probs: mx.array, k: int | None) -> mx.array:
+    """The distribution Show-o Turbo samples from: the k largest probabilities of each position,
+    renormalised to sum to 1, zero elsewhere (full codebook width, so sampled indices are codes).
+    Exactly k codes survive, as `torch.topk` keeps k (which of several tied codes is unspecified in
+    both). No filtering for k None/0 or k >= the codebook size."""
+    if not k or k >= probs.shape[-1]:
+        return probs
+    idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+    top = mx.take_along_axis(probs, idx, axis=-1)
+    top = top / top.sum(axis=-1, keepdims=True)
+    return mx.put_along_axis(mx.zeros_like(probs), idx, top, axis=-1)
+
+
 def gumbel_from_uniform(u: mx.array) -> mx.array:
     """−log(−log(u)) with the reference's 1e-20 clamps before each log."""
     return -mx.log(mx.maximum(-mx.log(mx.maximum(u, _EPS)), _EPS))
@@ -373,6 +391,7 @@ def decode_image_tokens(
     randomness: MaskGitRandomness,
     callback: StepCallback | None = None,
     trace: list | None = None,
+    top_k: int | None = None,
 ) -> mx.array:
     """Run the MaskGIT loop on an image window and return the last step's codes (B, N) int32.
 
@@ -380,6 +399,8 @@ def decode_image_tokens(
     ones. `image_logits_fn(tokens (B, N))` returns (B, N, codebook_size) logits for the window (already
     guided and sliced). `callback(step, steps, tokens)` runs after each step with the re-masked window;
     returning False raises `GenerationCancelled`, exceptions (KeyboardInterrupt included) propagate.
+    `top_k` restricts each position's draw to its k most probable codes (Show-o Turbo; see
+    `top_k_probs`); the confidence still reads the full distribution.
     With a `trace` list, one dict of numpy arrays per step is appended (tokens fed to the model,
     num_unknown, mask_len, temperature, sampled_raw, sampled, selected_probs, confidence, remask).
     """
@@ -387,6 +408,8 @@ def decode_image_tokens(
     check_schedule(schedule)
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise GenerationInputError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        raise GenerationInputError(f"top-k must be an integer >= 0 (0 = off), got {top_k!r}")
     host = np.asarray(init_tokens)
     _check_window(host, mask_token_id, image_token_offset, codebook_size)
 
@@ -403,7 +426,8 @@ def decode_image_tokens(
             raise ValueError(f"image_logits_fn returned {logits.shape}, expected {(batch, n, codebook_size)}")
         probs = mx.softmax(logits.astype(mx.float32), axis=-1)
 
-        sampled_raw = randomness.categorical(probs, step).astype(mx.int32)
+        # Turbo's top-k acts on the draw only (before the multinomial), never on the confidence.
+        sampled_raw = randomness.categorical(top_k_probs(probs, top_k), step).astype(mx.int32)
         codes = mx.where(unknown, sampled_raw, known_codes)
 
         # The schedule is a host scalar; the per-row unknown counts stay on the device.

@@ -32,6 +32,7 @@ from .decoding import GenerationResponse, IncrementalText, SamplingOptions, gene
 from .errors import GenerationInputError, ImageInputError
 from .images import NOTES_KEY, fit_mask, load_image, load_mask, mask_tokens, normalize_mode, preprocess_image, preprocess_mask, to_uint8
 from .layout import Layout
+from .family import family_of
 from .limits import MAX_CANVAS_WINDOWS, MAX_IMAGES, MAX_STEPS, LONG_HINT, check_count, check_number, check_seed, check_text, is_integer
 from .loading import DEFAULT_MODEL, compute_plan, load_for_inference, load_magvit, read_model_config, resolve_model
 from .maskgit import GreedyRandomness, KeyedRandomness, check_schedule, decode_image_tokens
@@ -53,6 +54,7 @@ class GenerationSettings:
     temperature: float = 1.0
     schedule: str = "cosine"
     greedy: bool = False
+    top_k: int | None = None  # sample each code among the k most probable (Show-o Turbo); None/0 = off
 
     def validate(self, allow_long: bool = False) -> "GenerationSettings":
         """Steps in [1, 1000] (more only with `allow_long`: the command line's --force), finite
@@ -61,6 +63,8 @@ class GenerationSettings:
         check_number(self.guidance, "guidance")
         check_number(self.temperature, "temperature")
         check_schedule(self.schedule)
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+            raise GenerationInputError(f"top-k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         return self
 
 
@@ -104,6 +108,7 @@ class GeneratedImage:
             "guidance": s.guidance,
             "temperature": s.temperature,
             "schedule": s.schedule,
+            **({"top_k": s.top_k} if s.top_k else {}),
             "model": model or self.model,
             "dtype": self.model_options.get("dtype"),
             "quantize": self.model_options.get("quantize"),
@@ -194,7 +199,10 @@ class Pipeline:
         self.adapters = None if adapter_path is None else {"adapters": str(adapter_path), "adapter_scale": float(adapter_scale)}
         self.cfg: ShowoConfig = self.model.config
         self.prompting = Prompting(self.folder, self.cfg)
-        self.vq_config = MagvitConfig.from_dict(self.config["magvit"])
+        self.family = family_of(self.config)
+        # Understanding-only folders (--no-vq, CLIP models) carry no MAGVIT.
+        self.vq_config = MagvitConfig.from_dict(self.config["magvit"]) if "magvit" in self.config else None
+        self._vision = None  # the CLIP tower of w_clip_vit models, loaded on first use
         self.vq_dtype = plan.vq_dtype
         self._vq = None  # the full tokenizer, loaded when an image must be encoded
         self._decoder = None  # decoder-only, enough for text-to-image
@@ -220,6 +228,8 @@ class Pipeline:
 
     @property
     def resolution(self) -> int:
+        if self.vq_config is None:
+            load_magvit(self.folder, self.config)  # raises the one-line "converted without MAGVIT" error
         return self.grid[0] * self.vq_config.downsample_factor
 
     @property
@@ -240,17 +250,22 @@ class Pipeline:
         return self._decoder
 
     def defaults(self, task: str) -> GenerationSettings:
-        """The reference's settings: 512 px: 50 steps, guidance 5; 256 px: 18 steps for t2i and
-        16 for inpainting/extension, guidance 1.75 (spec §6.4)."""
-        if self.cfg.num_vq_tokens >= 1024:
-            return GenerationSettings(steps=50, guidance=5.0)
-        return GenerationSettings(steps=18 if task == "generate" else 16, guidance=1.75)
+        """The model family's settings (family.py): Show-o 512 px 50 steps, guidance 5; 256 px 18
+        steps for t2i and 16 for inpainting/extension, guidance 1.75; Turbo 4 steps, no guidance,
+        top-k 200 (500 at 4 steps for 512 px)."""
+        d = self.family.task(task)
+        return GenerationSettings(steps=d.steps, guidance=d.guidance, temperature=d.temperature,
+                                  schedule=d.schedule, top_k=d.top_k(d.steps))
 
     def settings(self, task: str, *, allow_long: bool = False, **overrides) -> GenerationSettings:
+        if self.vq_config is None:
+            load_magvit(self.folder, self.config)  # raises the one-line "converted without MAGVIT" error
         s = self.defaults(task)
         for key, value in overrides.items():
             if value is not None:
                 setattr(s, key, value)
+        if overrides.get("top_k") is None:  # the family's top-k follows the number of steps
+            s.top_k = self.family.task(task).top_k(s.steps)
         return s.validate(allow_long)
 
     def _note(self, message: str) -> None:
@@ -332,6 +347,7 @@ class Pipeline:
             temperature=s.temperature,
             randomness=randomness,
             callback=callback,
+            top_k=s.top_k or None,
         )
         return np.array(codes)
 
@@ -363,6 +379,7 @@ class Pipeline:
         greedy: bool = False,
         batch_size: int = 4,
         callback=None,
+        top_k: int | None = None,
         allow_long: bool = False,
         on_image: Callable[["GeneratedImage"], None] | None = None,
     ) -> list[GeneratedImage]:
@@ -372,7 +389,7 @@ class Pipeline:
         each image as soon as its batch is decoded (e.g. to save it, so an interrupted run keeps
         the finished ones)."""
         self.notes = []
-        s = self.settings("generate", allow_long=allow_long, steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+        s = self.settings("generate", allow_long=allow_long, steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy, top_k=top_k)
         rows = self._rows(prompts, seed, n, allow_long)
         check_count(batch_size, "batch size")
         out: list[GeneratedImage] = []
@@ -403,13 +420,14 @@ class Pipeline:
         schedule: str | None = None,
         greedy: bool = False,
         callback=None,
+        top_k: int | None = None,
         allow_long: bool = False,
     ) -> list[GeneratedImage]:
         """Repaint the white part of `mask` guided by `prompt` (the reference's inpainting,
         `inference_t2i.py`). A mask of another size than the image is first resized to the image
         (nearest neighbour, with a note), so the region repainted is the one painted."""
         self.notes = []
-        s = self.settings("inpaint", allow_long=allow_long, steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+        s = self.settings("inpaint", allow_long=allow_long, steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy, top_k=top_k)
         rows = self._rows(prompt, seed, n, allow_long)
         image = self._pil(image)  # decoded once, used for the mask's size and the encoding
         region = self.mask_region(image, mask)
@@ -458,13 +476,14 @@ class Pipeline:
         schedule: str | None = None,
         greedy: bool = False,
         callback=None,
+        top_k: int | None = None,
         allow_long: bool = False,
     ) -> list[GeneratedImage]:
         """Outpaint step by step (spec §6.7): each direction adds half a window (plus `offset`)
         of new tokens on that side. "down" works (the reference crashes on it). The final canvas
         may cover at most 16 windows unless `allow_long=True`."""
         self.notes = []
-        s = self.settings("extend", allow_long=allow_long, steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy)
+        s = self.settings("extend", allow_long=allow_long, steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy, top_k=top_k)
         directions = [str(d).lower() for d in directions] if not isinstance(directions, str) else [directions.lower()]
         bad = [d for d in directions if d not in DIRECTIONS]
         if bad or not directions:
@@ -534,7 +553,8 @@ class Pipeline:
         `.generation_tps`, `.peak_memory` and `.finish_reason`; `"".join(...)` is the answer. The
         generator returns the `AnswerStats` (`x = yield from pipe.stream_ask(...)`). `codes`: the
         image's `encode_image` result, to ask many questions about one image without encoding it
-        each time (`image` is then not read).
+        each time (`image` is then not read). w_clip_vit models answer through their CLIP tower
+        (`inference_mmu.py`, w_clip_vit branch).
 
         The prompt (image tokens + question) must leave room for an answer in the model's
         `max_position_embeddings` (2048) positions: a longer question is refused (the reference
@@ -542,6 +562,10 @@ class Pipeline:
         self.notes = []
         question = check_text(question, "question")
         options = SamplingOptions(temperature, top_k, top_p, seed).validate()
+        if self.cfg.w_clip_vit:
+            prompt, embeddings = self.vit_prompt(image, question)
+            max_tokens = self._answer_budget(prompt.layout.length, max_tokens, "question's prompt (with 576 image features)")
+            return (yield from self._stream(None, [prompt.layout], max_tokens, options, prompt_embeddings=embeddings))
         length = self.prompting.mmu_length(question, self.cfg.num_vq_tokens)
         n_image = self.cfg.num_vq_tokens
         max_tokens = self._answer_budget(length, max_tokens, f"question's prompt ({n_image} image tokens + {length - n_image} of question and format)")
@@ -550,6 +574,23 @@ class Pipeline:
             self._release_encoder(keep_decoder=False)
         prompt = self.prompting.mmu_gen(self.prompting.image_ids(codes), question)
         return (yield from self._stream(prompt.ids, prompt.layouts, max_tokens, options))
+
+    @property
+    def vision(self):
+        """The CLIP tower and processor (w_clip_vit models; loaded on first use)."""
+        if self._vision is None:
+            from .vision import load_vision
+
+            self._vision = load_vision(self.folder, self.config)
+        return self._vision
+
+    def vit_prompt(self, image: ImageLike, question: str):
+        """The CLIP path's prompt: (VitPrompt, input embeddings (1, L, hidden)) — token embeddings
+        with the projected CLIP features spliced in after <|soi|> (`inference_mmu.py`)."""
+        features = self.vision(self._pil(image))
+        prompt = self.prompting.mmu_vit_gen(question, num_image=features.shape[1])
+        text = self.model.embed_tokens(mx.array(prompt.ids))
+        return prompt, prompt.splice(text, self.model.mm_projector(features))
 
     def ask(self, image: ImageLike, question: str, **kwargs) -> str:
         return "".join(self.stream_ask(image, question, **kwargs))
@@ -590,23 +631,30 @@ class Pipeline:
             return room
         return int(max_tokens)
 
-    def answer_tokens(self, ids: np.ndarray, layouts: Sequence[Layout], max_tokens: int, options: SamplingOptions) -> Iterator[int]:
+    def answer_tokens(
+        self, ids: np.ndarray | None, layouts: Sequence[Layout], max_tokens: int, options: SamplingOptions,
+        prompt_embeddings: mx.array | None = None,
+    ) -> Iterator[int]:
+        """Answer token ids, KV-cached, stopping after eos (the reference's eot); the prompt is
+        token ids or, on the CLIP path, input embeddings."""
         mask = attention_mask(layouts)
         if mask is not None and len(layouts) == 1 and layouts[0] == Layout(layouts[0].length):
             mask = "causal"
         return generate_tokens(
-            self.model, mx.array(ids), mask=mask, max_tokens=max_tokens, stop_ids=[self.prompting.ids.eos], options=options
+            self.model, None if ids is None else mx.array(ids), mask=mask, max_tokens=max_tokens,
+            stop_ids=[self.prompting.ids.eos], options=options, prompt_embeddings=prompt_embeddings,
         )
 
-    def _stream(self, ids, layouts, max_tokens, options) -> Generator[GenerationResponse, None, AnswerStats]:
+    def _stream(self, ids, layouts, max_tokens, options, prompt_embeddings=None) -> Generator[GenerationResponse, None, AnswerStats]:
         """One response per token, timed as mlx-lm times them: prompt tokens/s over the prefill (up
         to the first token), generation tokens/s from the first token on. Returns the `AnswerStats`."""
         text = IncrementalText(self.prompting.decode)
-        eos, prompt_tokens = self.prompting.ids.eos, int(np.asarray(ids).shape[1])
+        eos = self.prompting.ids.eos
+        prompt_tokens = int(prompt_embeddings.shape[1] if prompt_embeddings is not None else np.asarray(ids).shape[1])
         start = time.perf_counter()
         first = prompt_tps = None
         n, reason = 0, "length"
-        for n, token in enumerate(self.answer_tokens(ids, layouts, max_tokens, options), 1):
+        for n, token in enumerate(self.answer_tokens(ids, layouts, max_tokens, options, prompt_embeddings), 1):
             now = time.perf_counter()
             if first is None:
                 first, prompt_tps = now, prompt_tokens / max(now - start, 1e-9)

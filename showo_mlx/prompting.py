@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import ShowoConfig
 from .errors import ShowoConfigError
-from .layout import Layout, layout_from_ids, mmu_layout
+from .layout import Layout, layout_from_ids, mmu_layout, mmu_vit_layout
 from .limits import check_text
 
 IGNORE_ID = -100
@@ -36,6 +36,11 @@ MMU_QUESTION_TEMPLATE = "USER: \n{question} ASSISTANT:"
 # phi-1_5's tokenizer.json is 2.1 MB and the other files smaller: anything far bigger is not a tokenizer
 # (e.g. a link to /dev/zero), and a FIFO would block the read forever.
 MAX_TOKENIZER_FILE_BYTES = 64 * 2**20
+# inference_mmu.py (w_clip_vit branch): the system prompt, 28 phi-1.5 tokens.
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 
 # transformers 4.41 `clean_up_tokenization` (applied by the reference because phi-1_5 sets
 # clean_up_tokenization_spaces=true); newer transformers skip it for BPE, so we apply it ourselves.
@@ -100,6 +105,29 @@ class Prompt:
     layouts: list[Layout]
     labels: np.ndarray | None = None
     truncated: list[bool] | None = None
+
+
+@dataclass
+class VitPrompt:
+    """A CLIP-path prompt: token ids without image placeholders, the position where the image
+    embeddings go, and the Layout of the spliced sequence."""
+
+    ids: np.ndarray  # (1, L_ids) int64
+    image_start: int
+    num_image: int
+    layout: Layout
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1] + self.num_image
+
+    def splice(self, text_embeddings, image_embeddings):
+        """cat(text[:, :start], image, text[:, start:]) along the sequence axis (mx or np arrays)."""
+        import mlx.core as mx
+
+        s = self.image_start
+        return mx.concatenate([text_embeddings[:, :s], image_embeddings.astype(text_embeddings.dtype),
+                               text_embeddings[:, s:]], axis=1)
 
 
 class Prompting:
@@ -194,6 +222,27 @@ class Prompting:
         tail = np.array([[self.ids.eoi, self.ids.bos] + q])
         ids = np.concatenate([head, image_tokens, tail], axis=1)
         return Prompt(ids, [mmu_layout(ids.shape[1], eoi=image_tokens.shape[1] + 2)])
+
+    def vit_question(self, question: str) -> list[int]:
+        """Tokens of the phi1.5 conversation template (`llava/llava/conversation.py`) rendered for one
+        user turn and an empty assistant turn, stripped: "USER: {q} ASSISTANT:" (no bos, no newline)."""
+        user = f"USER: {question} " if question else "USER:"  # the template skips an empty message
+        return self.encode((" " + user + "ASSISTANT:").strip())
+
+    def system_prompt_ids(self) -> list[int]:
+        return self.encode(SYSTEM_PROMPT)
+
+    def mmu_vit_gen(self, question: str, num_image: int) -> "VitPrompt":
+        """The CLIP path's prompt (`inference_mmu.py`, w_clip_vit): ids
+        ``[<|mmu|>] + system + [<|soi|>] + [<|eoi|>] + question`` and `num_image` CLIP embeddings
+        spliced in after the soi. Layout: every query sees the image columns (system rows included,
+        so the system prompt's keys depend on the image: it cannot be prefix-cached on its own)."""
+        system = self.system_prompt_ids()
+        ids = [self.ids.mmu, *system, self.ids.soi, self.ids.eoi, *self.vit_question(question)]
+        start = 2 + len(system)
+        length = len(ids) + num_image
+        return VitPrompt(np.asarray([ids], dtype=np.int64), start, num_image,
+                         mmu_vit_layout(length, system_prompt_len=len(system), num_image=num_image))
 
     # -- training prompts ----------------------------------------------------------------------
     def t2i(

@@ -12,6 +12,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REF = TESTS / "fixtures" / "reference"
+CLIP_REF = TESTS / "fixtures" / "reference-clip"
 sys.path.insert(0, str(TESTS))  # test helpers such as torch_format.py
 
 
@@ -55,6 +56,17 @@ def fx_model(pipe):
 @pytest.fixture(scope="session")
 def prompting(pipe):
     return pipe.prompting
+
+
+@pytest.fixture(scope="session")
+def clip_converted(tmp_path_factory) -> Path:
+    """The CLIP-ViT fixture converted once (float32, understanding-only: it carries no MAGVIT)."""
+    from showo_mlx.convert import convert
+
+    dst = tmp_path_factory.mktemp("models") / "tiny-clip"
+    convert(CLIP_REF / "showo", dst, vision_tower=CLIP_REF / "clip", tokenizer=CLIP_REF / "tokenizer", no_vq=True,
+            log=lambda m: None)
+    return dst
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..layout import Layout, mmu_layout
+from ..errors import TrainingConfigError
+from ..layout import Layout, mmu_layout, mmu_vit_layout
 from ..prompting import Prompting
 from .conversation import conversation_tokens
 from .data import PreparedData, StreamSampler, TextData
@@ -31,6 +32,9 @@ TASK_IDS = {"t2i": 0, "lm": 1, "mmu": 2}
 _MASK, _DROP, _QUESTION, _WINDOW = 0, 1, 2, 3
 # The pre-training captioning layout (spec §4.3): "USER: \n" + question + " ASSISTANT:" + " " + caption.
 CAPTION_TEMPLATE = "USER: \n{question} ASSISTANT: {caption}"
+# The CLIP path's pre-training rows use LLaVA's `plain` template: caption + "\n", then eos
+# (llava/llava_pretrain_data.py, preprocess_plain); nothing is masked out of the labels.
+PLAIN_SEP = "\n"
 
 
 @dataclass
@@ -39,6 +43,10 @@ class MicroBatch:
     labels: np.ndarray  # (B, L) int64
     layouts: list[Layout]
     rows: TaskRows
+    # CLIP path (w_clip_vit models): the mmu rows' CLIP crops (B_mmu, H, W, 3) uint8, whose projected
+    # features replace the placeholder positions [image_start, image_start + n) of those rows.
+    clip_pixels: np.ndarray | None = None
+    image_start: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -61,8 +69,10 @@ class BatchBuilder:
         lm_max_chars: int = 8000,
         grad_accum: int = 1,
         world: int = 1,
+        clip_image_tokens: int | None = None,
     ):
         self.p = prompting
+        self.clip_image_tokens = clip_image_tokens  # set for w_clip_vit models: mmu rows go through CLIP
         self.rows = rows
         self.data = {"t2i": t2i_data, "mmu": mmu_data, "lm": lm_data}
         self.seed = seed
@@ -91,14 +101,16 @@ class BatchBuilder:
 
     # -- rows -------------------------------------------------------------------------------------
     def build(self, step: int, rank: int = 0, micro: int = 0) -> MicroBatch:
-        parts = []
+        parts, clip = [], ()
         for task, make in (("t2i", self._t2i), ("lm", self._lm), ("mmu", self._mmu)):
             if getattr(self.rows, task):
-                parts.append(make(self.positions(task, step, rank, micro)))
+                part = make(self.positions(task, step, rank, micro))
+                parts.append(part[:3])
+                clip = part[3:]  # (pixels, image_start) from CLIP mmu rows
         ids = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         layouts = [lay for p in parts for lay in p[2]]
-        return MicroBatch(ids, labels, layouts, self.rows)
+        return MicroBatch(ids, labels, layouts, self.rows, *clip)
 
     def _t2i(self, positions: np.ndarray):
         data = self.data["t2i"]
@@ -130,6 +142,8 @@ class BatchBuilder:
         return prompt.ids, prompt.labels, prompt.layouts
 
     def _mmu(self, positions: np.ndarray):
+        if self.clip_image_tokens:
+            return self._mmu_vit(positions)
         data = self.data["mmu"]
         idx = self.samplers["mmu"].index(positions)
         image_ids = np.stack([self.p.image_ids(data.codes(int(i))) for i in idx])
@@ -158,3 +172,39 @@ class BatchBuilder:
         ids = np.stack(ids_).astype(np.int64)
         layouts = [mmu_layout(ids.shape[1], eoi=n + 2) for _ in range(b)]
         return ids, np.stack(labels_).astype(np.int64), layouts
+
+    def _mmu_vit(self, positions: np.ndarray):
+        """CLIP-path rows (`training/train_w_clip_vit.py`): conversations as LLaVA tuning
+        ``[mmu] + system(28) + [soi] + image + [eoi] + conversation`` (mask with system_prompt_len 28),
+        captions as LLaVA pre-training ``[mmu, soi] + image + [eoi] + caption "\n" eos`` (system_prompt_len
+        0). The image positions hold [PAD] here; the trainer puts the projected CLIP features there.
+        The text fills the row to the common length L (the reference's ``max_seq_length − (576 − N)``
+        minus the system prompt), right-padded or cut."""
+        data = self.data["mmu"]
+        idx = self.samplers["mmu"].index(positions)
+        n_img, pad = self.clip_image_tokens, self.p.ids.pad
+        conversations = data.kind == "conversations"
+        system = self.p.system_prompt_ids() if conversations else []
+        head = [self.p.ids.mmu, *system, self.p.ids.soi]
+        n_text = self.length - (len(head) + n_img + 1)
+        if n_text < 1:
+            need = len(head) + n_img - self.p.config.num_vq_tokens - 1  # from L = max_seq_length + N + 3
+            raise TrainingConfigError(
+                f"CLIP mmu rows do not fit: max_seq_length must be at least {need} for {n_img} image features "
+                "(the official CLIP tuning uses 576); set max_seq_length"
+            )
+        ids_, labels_ = [], []
+        for i in idx:
+            meta = data.meta(int(i))
+            if conversations:
+                text, text_labels = conversation_tokens(self.p.encode, meta["conversations"], n_text, pad)
+            else:
+                tokens = (self.p.encode(meta.get("caption", "") + PLAIN_SEP) + [self.p.ids.eos])[:n_text]
+                text = np.asarray(tokens + [pad] * (n_text - len(tokens)), dtype=np.int64)
+                text_labels = np.asarray(tokens + [IGNORE_ID] * (n_text - len(tokens)), dtype=np.int64)
+            ids_.append(np.concatenate([head, np.full(n_img, pad), [self.p.ids.eoi], text]))
+            labels_.append(np.concatenate([np.full(len(head) + n_img + 1, IGNORE_ID), text_labels]))
+        ids = np.stack(ids_).astype(np.int64)
+        layouts = [mmu_vit_layout(ids.shape[1], len(system), n_img) for _ in idx]
+        pixels = np.stack([data.clip_pixels(int(i)) for i in idx])
+        return ids, np.stack(labels_).astype(np.int64), layouts, pixels, len(head)

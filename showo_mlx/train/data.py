@@ -44,11 +44,15 @@ class PreparedData:
         self.codebook_size: int = index["codebook_size"]
         self.shards: list[dict] = index["shards"]
         self.starts = np.cumsum([0] + [s["count"] for s in self.shards])
+        self.clip: dict | None = index.get("clip")  # CLIP crops for w_clip_vit mmu rows
         self._codes: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._clip: dict[int, np.ndarray] = {}
         self._meta: OrderedDict[int, list[dict]] = OrderedDict()
         for s in range(len(self.shards)):
             self._check_codes(s)
             self._check_meta_lines(s)
+            if self.clip is not None:
+                self._check_clip(s)
 
     # -- checks on open ---------------------------------------------------------------------------
     def _bad(self, problem: str) -> TrainingConfigError:
@@ -72,16 +76,19 @@ class PreparedData:
             raise TrainingConfigError(f"{path} was not written by `showo prepare`")
         if index.get("kind") not in KINDS:
             raise self._bad(f"{INDEX} kind must be one of {list(KINDS)}, got {_short(index.get('kind'))}")
+        # Understanding-only data (a w_clip_vit model converted without MAGVIT) has CLIP crops and no codes.
+        has_codes = index.get("clip") is None or index.get("num_tokens") != 0
         for key in ("num_tokens", "codebook_size"):
-            if not _is_int(index.get(key)) or index[key] < 1:
+            if not _is_int(index.get(key)) or index[key] < (1 if has_codes else 0):
                 raise self._bad(f"{INDEX} {key} must be a positive integer, got {_short(index.get(key))}")
         shards = index.get("shards")
         if not isinstance(shards, list) or not shards:
             raise self._bad(f"{INDEX} shards must be a non-empty list")
+        files = ("codes",) * has_codes + ("meta",) + ("clip",) * (index.get("clip") is not None)
         for i, shard in enumerate(shards):
             if not isinstance(shard, dict) or not _is_int(shard.get("count")) or shard["count"] < 0:
                 raise self._bad(f"{INDEX} shard {i} needs a non-negative integer count")
-            for key in ("codes", "meta"):
+            for key in files:
                 name = shard.get(key)
                 # A plain file name: "../x", "/etc/x" or "a/b" would read outside the folder.
                 if not isinstance(name, str) or not name or Path(name).name != name or name in (".", "..") or "\\" in name:
@@ -91,8 +98,8 @@ class PreparedData:
             raise self._bad(f"{INDEX} count {_short(index['count'])} differs from the shards' total {total}")
         return index
 
-    def _load_codes(self, s: int) -> np.ndarray:
-        path = self.folder / self.shards[s]["codes"]
+    def _load_codes(self, s: int, key: str = "codes") -> np.ndarray:
+        path = self.folder / self.shards[s][key]
         if not path.is_file():  # missing, a folder, or a FIFO (opening one would block)
             raise self._bad(f"{path.name} is missing" if not path.exists() else f"{path.name} is not a regular file")
         try:
@@ -100,9 +107,17 @@ class PreparedData:
         except FileNotFoundError:
             raise self._bad(f"{path.name} is missing") from None
         except (OSError, ValueError, EOFError) as e:  # truncated, not .npy, object dtype, ...
-            raise self._bad(f"{path.name} is not a readable codes array ({' '.join(str(e).split())[:120]})") from None
+            raise self._bad(f"{path.name} is not a readable {key} array ({' '.join(str(e).split())[:120]})") from None
+
+    def _check_clip(self, s: int) -> None:
+        crops = self._load_codes(s, "clip")
+        name, count = self.shards[s]["clip"], self.shards[s]["count"]
+        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[0] != count or crops.shape[3] != 3:
+            raise self._bad(f"{name} has {crops.dtype} values of shape {crops.shape}, expected uint8 ({count}, H, W, 3) CLIP crops")
 
     def _check_codes(self, s: int) -> None:
+        if not self.num_tokens:  # understanding-only data: CLIP crops instead of codes
+            return
         codes = self._load_codes(s)
         name, count = self.shards[s]["codes"], self.shards[s]["count"]
         if codes.dtype.kind not in "iu":
@@ -168,6 +183,20 @@ class PreparedData:
         s = int(np.searchsorted(self.starts, i, side="right") - 1)
         return s, i - int(self.starts[s])
 
+    def clip_pixels(self, i: int) -> np.ndarray:
+        """(H, W, 3) uint8 CLIP crop of row i (CLIPImageProcessor before rescaling)."""
+        s, j = self._locate(i)
+        if s not in self._clip:
+            self._clip[s] = self._load_codes(s, "clip")  # checked on open; memory-mapped, no pickle
+        return np.asarray(self._clip[s][j])
+
+    def check_clip(self, what: str) -> None:
+        if not self.clip:
+            raise TrainingConfigError(
+                f"{what} {self.folder} holds no CLIP crops, which the mmu rows of a w_clip_vit model need; "
+                "re-run `showo prepare` with this model"
+            )
+
     def codes(self, i: int) -> np.ndarray:
         s, j = self._locate(i)
         if s not in self._codes:  # memory-mapped: only the rows read are paged in
@@ -187,6 +216,11 @@ class PreparedData:
         return self._meta[s][j]
 
     def check_model(self, num_tokens: int, codebook_size: int, what: str) -> None:
+        if not self.num_tokens:
+            raise TrainingConfigError(
+                f"{what} {self.folder} holds no MAGVIT codes (prepared with an understanding-only model); "
+                "re-run `showo prepare` with a model that has MAGVIT-v2"
+            )
         if self.num_tokens != num_tokens or self.codebook_size != codebook_size:
             raise TrainingConfigError(
                 f"{what} {self.folder} holds {self.num_tokens} codes of {self.codebook_size} per image but the "

@@ -6,6 +6,9 @@ Training then reads small integer arrays instead of decoding and encoding pictur
     OUT/index.json          what was prepared (kind, resolution, tokens, counts, shards)
     OUT/codes-00000.npy     (n, N) uint16 codes of shard 0 (row-major code grid)
     OUT/meta-00000.jsonl    one line per row: {"key", "caption"} or {"key", "conversations"}
+    OUT/clip-00000.npy      (n, 336, 336, 3) uint8: CLIPImageProcessor's resize + crop, for the mmu rows
+                            of w_clip_vit models (their tower is frozen and runs at training time, as in
+                            the official training/train_w_clip_vit.py); no codes without MAGVIT (--no-vq)
 
 Streaming: images are read, encoded and written `batch_size` at a time and a shard is flushed every
 `shard_size` rows, so memory does not grow with the dataset. The folder is built under a temporary
@@ -59,11 +62,15 @@ class _ShardWriter:
     def __init__(self, folder: Path, shard_size: int, dtype):
         self.folder, self.shard_size, self.dtype = folder, shard_size, dtype
         self.codes: list[np.ndarray] = []
+        self.clip: list[np.ndarray] = []
         self.meta: list[dict] = []
         self.shards: list[dict] = []
 
-    def add(self, codes: np.ndarray, meta: list[dict]) -> None:
-        self.codes.extend(codes)
+    def add(self, codes: np.ndarray | None, meta: list[dict], clip: list[np.ndarray] | None = None) -> None:
+        if codes is not None:
+            self.codes.extend(codes)
+        if clip is not None:
+            self.clip.extend(clip)
         self.meta.extend(meta)
         while len(self.meta) >= self.shard_size:
             self._flush(self.shard_size)
@@ -76,12 +83,18 @@ class _ShardWriter:
     def _flush(self, n: int) -> None:
         i = len(self.shards)
         codes_name, meta_name = f"codes-{i:05d}.npy", f"meta-{i:05d}.jsonl"
-        np.save(self.folder / codes_name, np.stack(self.codes[:n]).astype(self.dtype))
+        shard = {"meta": meta_name, "count": n}
+        if self.codes:
+            np.save(self.folder / codes_name, np.stack(self.codes[:n]).astype(self.dtype))
+            shard["codes"] = codes_name
+        if self.clip:
+            shard["clip"] = f"clip-{i:05d}.npy"
+            np.save(self.folder / shard["clip"], np.stack(self.clip[:n]).astype(np.uint8))
         with open(self.folder / meta_name, "w", encoding="utf-8") as f:
             for m in self.meta[:n]:
                 f.write(json.dumps(m, ensure_ascii=False) + "\n")
-        self.shards.append({"codes": codes_name, "meta": meta_name, "count": n})
-        del self.codes[:n], self.meta[:n]
+        self.shards.append(shard)
+        del self.codes[:n], self.clip[:n], self.meta[:n]
 
 
 def prepare(
@@ -111,31 +124,46 @@ def prepare(
                         is_previous_output=lambda p: has_json_marker(p, INDEX, "format", FORMAT))
     config = read_model_config(folder)
     cfg = ShowoConfig.from_dict(config["showo"])
-    vq = load_magvit(folder, config, with_encoder=True)
-    factor = vq.downsample_factor
-    resolution = resolution or cfg.image_grid[0] * factor
-    if resolution % factor:
-        raise TrainingConfigError(f"resolution {resolution} is not a multiple of MAGVIT's {factor}")
-    num_tokens = (resolution // factor) ** 2
-    if num_tokens != cfg.num_vq_tokens:
-        log(f"warning: {resolution} px gives {num_tokens} tokens but the model uses {cfg.num_vq_tokens}; "
-            "training this model on these codes will be refused")
+    # w_clip_vit models also keep CLIP's crop of every image; a folder without MAGVIT keeps only that.
+    clip = None
+    if cfg.w_clip_vit:
+        from ..vision import ClipImageProcessor
+
+        if "vision" not in config:
+            raise TrainingConfigError(f"{folder} is a w_clip_vit model without its vision tower; re-convert it with --vision-tower")
+        clip = ClipImageProcessor.from_dict(config["vision"]["processor"])
+    vq = load_magvit(folder, config, with_encoder=True) if (clip is None or "magvit" in config) else None
+    num_tokens, codebook, dtype = 0, 0, np.uint16
+    if vq is not None:
+        factor = vq.downsample_factor
+        resolution = resolution or cfg.image_grid[0] * factor
+        if resolution % factor:
+            raise TrainingConfigError(f"resolution {resolution} is not a multiple of MAGVIT's {factor}")
+        num_tokens, codebook = (resolution // factor) ** 2, vq.config.codebook_size
+        if num_tokens != cfg.num_vq_tokens:
+            log(f"warning: {resolution} px gives {num_tokens} tokens but the model uses {cfg.num_vq_tokens}; "
+                "training this model on these codes will be refused")
+        dtype = np.uint16 if codebook <= 65536 else np.int32
     source_kind, samples = iter_source(data, kind, image_root)
     row_kind = "conversations" if source_kind == "llava" else "captions"
-    dtype = np.uint16 if vq.config.codebook_size <= 65536 else np.int32
 
     count = skipped = uncaptioned = 0
     bar = _progress(progress)
     with atomic_output_dir(out, force=force) as tmp:
         writer = _ShardWriter(tmp, shard_size, dtype)
         pixels: list[np.ndarray] = []
+        crops: list[np.ndarray] = []
         metas: list[dict] = []
 
         def flush() -> None:
-            codes = vq.encode(mx.array(np.concatenate(pixels)))
-            mx.eval(codes)
-            writer.add(np.array(codes), list(metas))
+            codes = None
+            if vq is not None:
+                codes = vq.encode(mx.array(np.concatenate(pixels)))
+                mx.eval(codes)
+                codes = np.array(codes)
+            writer.add(codes, list(metas), list(crops) if clip is not None else None)
             pixels.clear()
+            crops.clear()
             metas.clear()
 
         for sample in samples:
@@ -145,12 +173,18 @@ def prepare(
                     log(f"skipping {sample.key}: no caption")
                 continue
             try:
-                pixels.append(preprocess_image(sample.load(), resolution))
+                img = sample.load()
+                px = preprocess_image(img, resolution) if vq is not None else None
+                crop = clip.crop(img) if clip is not None else None
             except ImageInputError as e:
                 skipped += 1
                 if skipped <= MAX_SKIP_REPORTS:
                     log(f"skipping {sample.key}: {e}")
                 continue
+            if px is not None:
+                pixels.append(px)
+            if crop is not None:
+                crops.append(crop)
             meta = {"key": sample.key}
             if row_kind == "captions":
                 meta["caption"] = sample.caption or ""
@@ -160,9 +194,9 @@ def prepare(
             count += 1
             if bar is not None:
                 bar.update(1)
-            if len(pixels) == batch_size:
+            if len(metas) == batch_size:
                 flush()
-        if pixels:
+        if metas:
             flush()
         if bar is not None:
             bar.close()
@@ -177,8 +211,9 @@ def prepare(
             "source_kind": source_kind,
             "resolution": resolution,
             "num_tokens": num_tokens,
-            "codebook_size": vq.config.codebook_size,
-            "magvit": magvit_fingerprint(config),
+            "codebook_size": codebook,
+            "magvit": magvit_fingerprint(config) if vq is not None else None,
+            "clip": None if clip is None else {"processor": clip.to_dict()},
             "model": str(folder),
             "count": count,
             "skipped": skipped,
@@ -190,8 +225,9 @@ def prepare(
         log(f"warning: skipped {skipped} unreadable image(s) of {count + skipped + uncaptioned}")
     if uncaptioned:
         log(f"warning: skipped {uncaptioned} image(s) without a caption of {count + skipped + uncaptioned}")
-    log(f"prepared {count} {row_kind} rows ({num_tokens} tokens each) in {out}")
-    return PrepareResult(Path(out), row_kind, count, skipped, num_tokens, resolution, uncaptioned)
+    log(f"prepared {count} {row_kind} rows ({num_tokens} tokens each"
+        + (", CLIP crops" if clip is not None else "") + f") in {out}")
+    return PrepareResult(Path(out), row_kind, count, skipped, num_tokens, resolution or 0, uncaptioned)
 
 
 def magvit_fingerprint(model_config: dict) -> str:

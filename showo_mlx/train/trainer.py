@@ -101,10 +101,10 @@ def apply_freeze(model: nn.Module, freeze: list[str], train_only: list[str]) -> 
                 module.freeze(recurse=False, keys=[leaf], strict=False)
 
 
-def forward_hidden(model, ids: mx.array, mask, checkpoint: bool) -> mx.array:
+def forward_hidden(model, ids: mx.array, mask, checkpoint: bool, input_embeddings: mx.array | None = None) -> mx.array:
     """Final-LayerNorm hidden states; the same computation as `model.hidden_states` without a
     cache, with real gradient checkpointing when asked."""
-    x = model.embed_tokens(ids)
+    x = model.embed_tokens(ids) if input_embeddings is None else input_embeddings
     for layer in model.layers:
         if checkpoint:
             def block(params, x, layer=layer):
@@ -213,6 +213,16 @@ class Trainer:
         self.prompting = Prompting(self.model_folder, showo)
         model = load_transformer(self.model_folder, self.model_config)
         self.base_fingerprint = model_fingerprint(model)
+        # w_clip_vit models: the frozen CLIP tower feeds the mmu rows; the projector (part of the
+        # transformer) trains, and gets adapters too under LoRA (train_w_clip_vit.py trains it).
+        self.vision = None
+        self.lora_keys = list(cfg.lora_keys)
+        if showo.w_clip_vit:
+            from ..vision import load_vision
+
+            self.vision = load_vision(self.model_folder, self.model_config)
+            if "mm_projector.*" not in self.lora_keys:
+                self.lora_keys.append("mm_projector.*")
         self.quantization = self.model_config.get("quantization")
         self.quantize_at_load = None
         if cfg.fine_tune == "full":
@@ -227,7 +237,7 @@ class Trainer:
                 self.quantize_at_load = {"bits": spec.bits, "group_size": spec.group_size}
             mx.random.seed(cfg.seed)  # LoRA's A matrices are random: make them reproducible
             n = apply_lora(model, rank=cfg.lora_rank, scale=cfg.lora_scale, dropout=cfg.lora_dropout,
-                           keys=cfg.lora_keys, num_layers=cfg.lora_layers)
+                           keys=self.lora_keys, num_layers=cfg.lora_layers)
             freeze_for_lora(model)
             self.log(f"LoRA on {n} layers (rank {cfg.lora_rank}, scale {cfg.lora_scale})"
                      + (f" over a {cfg.quantize_bits}-bit base" if cfg.quantize_bits else ""))
@@ -272,7 +282,11 @@ class Trainer:
             source = cfg.mmu_data or cfg.data
             if not source:
                 raise TrainingConfigError("batch_mmu > 0 needs mmu_data (or data); or set batch_mmu: 0")
-            mmu = t2i if (source == cfg.data and t2i is not None) else prepared(source, "mmu_data")
+            if self.vision is not None:  # CLIP rows read the prepared CLIP crops, not MAGVIT codes
+                mmu = PreparedData(source)
+                mmu.check_clip("mmu_data")
+            else:
+                mmu = t2i if (source == cfg.data and t2i is not None) else prepared(source, "mmu_data")
         if rows.lm:
             if not cfg.lm_data:
                 raise TrainingConfigError("batch_lm > 0 needs lm_data (a .txt or .jsonl of documents); or set batch_lm: 0")
@@ -282,6 +296,7 @@ class Trainer:
             cond_dropout_prob=cfg.cond_dropout_prob, min_masking_rate=cfg.min_masking_rate,
             mmu_questions=cfg.mmu_questions, lm_max_chars=cfg.lm_max_chars,
             grad_accum=cfg.grad_accum, world=self.world.size,
+            clip_image_tokens=self.vision.tower.config.num_patches if self.vision is not None else None,
         )
         self.data_identity = {k: (d.identity() if d is not None else None) for k, d in (("t2i", t2i), ("mmu", mmu), ("lm", lm))}
 
@@ -294,10 +309,17 @@ class Trainer:
         return tree_unflatten([(k, flat[k]) for k in self._order])
 
     # -- the differentiated function --------------------------------------------------------------
-    def _loss(self, params, ids, mask, positions, targets, onehot, weights):
+    def _loss(self, params, ids, mask, positions, targets, onehot, weights, features=None, image_start=0):
         dt = self.compute_dtype
         self.model.update(params if dt == mx.float32 else tree_map(lambda p: p.astype(dt), params))
-        h = forward_hidden(self.model, ids, mask, self.cfg.grad_checkpoint)
+        emb = None
+        if features is not None:  # CLIP mmu rows (the last rows): projected features over the placeholders
+            x = self.model.embed_tokens(ids)
+            b, n = features.shape[0], features.shape[1]
+            proj = self.model.mm_projector(features.astype(x.dtype))
+            rows = mx.concatenate([x[-b:, :image_start], proj, x[-b:, image_start + n:]], axis=1)
+            emb = mx.concatenate([x[:-b], rows], axis=0) if x.shape[0] > b else rows
+        h = forward_hidden(self.model, ids, mask, self.cfg.grad_checkpoint, input_embeddings=emb)
         h = h.reshape(-1, h.shape[-1])[positions]
         ce = token_cross_entropy(self.model.lm_head(h), targets)
         sums = ce @ onehot  # (3,) per-task sums
@@ -329,7 +351,12 @@ class Trainer:
         for mb, tg in zip(micro, targets):
             if tg.size == 0:
                 continue
-            (_, s), g = self._value_and_grad(self.params, *self._micro_inputs(mb, tg), weights)
+            clip = {}
+            if mb.clip_pixels is not None:  # the frozen tower: features are constants of the step
+                features = self.vision.tower(mx.array(self.vision.processor.normalize(mb.clip_pixels)))
+                mx.eval(features)
+                clip = {"features": features, "image_start": mb.image_start}
+            (_, s), g = self._value_and_grad(self.params, *self._micro_inputs(mb, tg), weights, **clip)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(grads, s)  # bound the graph (and memory) to one micro-step
             sums += np.array(s, dtype=np.float64)
@@ -570,7 +597,7 @@ class Trainer:
                                         "checkpoint is kept")
         if cfg.fine_tune == "lora":
             config = adapter_config(
-                rank=cfg.lora_rank, scale=cfg.lora_scale, dropout=cfg.lora_dropout, keys=cfg.lora_keys, num_layers=cfg.lora_layers,
+                rank=cfg.lora_rank, scale=cfg.lora_scale, dropout=cfg.lora_dropout, keys=self.lora_keys, num_layers=cfg.lora_layers,
                 base={"model": str(self.model_folder), "fingerprint": self.base_fingerprint, "quantize_at_load": self.quantize_at_load},
             )
             self.model.update(self.params)  # adapters are saved in float32
