@@ -195,6 +195,7 @@ from showo_mlx.checkpoint_io import read_checkpoint
 from showo_mlx.errors import CheckpointError
 vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), resource.RLIM_INFINITY))
+baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after the imports
 start = time.perf_counter()
 try:
     read_checkpoint({str(bomb)!r})
@@ -204,12 +205,12 @@ except CheckpointError as e:
 except MemoryError:
     result = "MemoryError"
 print(json.dumps({{"seconds": time.perf_counter() - start, "result": result,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                  "grew_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline_mb}}))
 """
     (r,) = run_child(code)
     assert r["result"].startswith(str(bomb)) and "compressed" in r["result"], r
     # Measured < 0.5 s alone (39 s and 3.3 GB before the fix); the time bound allows for a loaded machine.
-    assert r["seconds"] < 5 and r["peak_mb"] < 400, r
+    assert r["seconds"] < 5 and r["grew_mb"] < 100, r  # the peak beyond what importing showo_mlx takes
 
 
 def test_storage_record_sizes_must_match_what_they_declare(tmp_path):

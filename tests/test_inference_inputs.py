@@ -102,9 +102,9 @@ def test_max_tokens_lowered_to_the_positions_left(pipe, monkeypatch):
     seen = {}
     original = pipe.answer_tokens
 
-    def spy(ids, layouts, max_tokens, options):
+    def spy(ids, layouts, max_tokens, options, prompt_embeddings=None):
         seen["length"], seen["max_tokens"] = ids.shape[1], max_tokens
-        tokens = list(original(ids, layouts, max_tokens, options))
+        tokens = list(original(ids, layouts, max_tokens, options, prompt_embeddings))
         seen["generated"] = len(tokens)
         return iter(tokens)
 

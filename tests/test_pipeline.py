@@ -490,7 +490,7 @@ def test_answer_streams_return_their_stats(pipe, prompting, monkeypatch):
     assert stats.completion_tokens == 1 and one and text.startswith(one)
 
     eos = prompting.ids.eos
-    monkeypatch.setattr(pipe, "answer_tokens", lambda ids, layouts, max_tokens, options: iter([5, 6, eos]))
+    monkeypatch.setattr(pipe, "answer_tokens", lambda ids, layouts, max_tokens, options, prompt_embeddings=None: iter([5, 6, eos]))
     text, stats = _drain(pipe.stream_complete("Hi", max_tokens=10))
     assert text == prompting.decode([5, 6]) and stats == AnswerStats(1 + len(prompting.encode("Hi")), 3, "stop")
 
