@@ -405,12 +405,14 @@ def reconstruct(
 
 
 def _register_subcommands() -> None:
-    """Commands that live in their own modules: prepare/train/fuse (train/cli.py) and bench."""
+    """Commands that live in their own modules: prepare/train/fuse (train/cli.py), bench, doctor."""
     from .bench import register as register_bench
+    from .doctor import register as register_doctor
     from .train.cli import register as register_training
 
     register_training(app)
     register_bench(app)
+    register_doctor(app)
 
 
 _register_subcommands()
