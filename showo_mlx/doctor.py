@@ -210,35 +210,47 @@ def timing_shapes(quick: bool = False) -> list[Shape]:
 
 def best_ms(fn: Callable[[], mx.array], repeats: int) -> float:
     """Best wall time in ms over `repeats` fully evaluated runs after one warm-up run."""
-    mx.eval(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(fn())
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return interleaved_best_ms({"fn": fn}, repeats)["fn"]
+
+
+def interleaved_best_ms(calls: dict[str, Callable[[], mx.array]], repeats: int) -> dict[str, float | str]:
+    """Best wall time in ms of each call over `repeats` rounds that run every call once, after one
+    warm-up round: on a busy machine a slow spell then hurts all of them, not one. A call that
+    raises is reported as "failed: ..." and dropped from later rounds."""
+    results: dict[str, float | str] = {}
+    live = dict(calls)
+    for round_ in range(repeats + 1):
+        for name, fn in list(live.items()):
+            try:
+                start = time.perf_counter()
+                mx.eval(fn())
+                elapsed = (time.perf_counter() - start) * 1e3
+            except Exception as exc:  # a kernel that fails to compile or run is reported, not fatal
+                results[name] = " ".join(f"failed: {type(exc).__name__}: {exc}".split())[:200]
+                del live[name]
+                continue
+            if round_ > 0:  # round 0 is the warm-up
+                results[name] = min(results.get(name, float("inf")), elapsed)
+    return results
 
 
 def time_shape(shape: Shape, backends: Sequence[str], dtype: str, heads: int, repeats: int) -> dict:
-    """{backend: ms} for one shape; the masks and plans are built before the clock starts."""
-    lq = shape.length - shape.q_start
-    q, k, v = random_qkv(len(shape.layouts), heads, lq, shape.length, HEAD_DIM, 0, getattr(mx, dtype))
+    """{backend: ms} for one shape. The masks and plans are built before the clock starts (the model
+    builds them once per prompt); each call ends as the model consumes it, reshaped to (B, Lq, H·D)."""
+    b, lq = len(shape.layouts), shape.length - shape.q_start
+    q, k, v = random_qkv(b, heads, lq, shape.length, HEAD_DIM, 0, getattr(mx, dtype))
     mx.eval(q, k, v)
-    calls: dict[str, Callable[[], mx.array]] = {}
     mask = attention_mask(shape.layouts, shape.q_start)
     sdpa_mask = mask.sdpa_mask() if mask is not None else None
-    calls["sdpa"] = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=SCALE, mask=sdpa_mask)
     plan64 = make_block_plan(shape.layouts, shape.q_start, shape.length, shape.length, 64, 64)
-    calls["blockwise"] = lambda: blockwise_attention_with_plan(q, k, v, plan64, SCALE)
     plan32 = make_block_plan(shape.layouts, shape.q_start, shape.length, shape.length, metal_attention.BLOCK_Q, metal_attention.BLOCK_K)
-    calls["metal"] = lambda: metal_attention.omni_attention_metal_with_plan(q, k, v, plan32, SCALE)
-    out = {}
-    for backend in backends:
-        try:
-            out[backend] = round(best_ms(calls[backend], repeats), 3)
-        except Exception as exc:
-            out[backend] = " ".join(f"failed: {type(exc).__name__}: {exc}".split())[:200]
-    return out
+    calls: dict[str, Callable[[], mx.array]] = {
+        "sdpa": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=SCALE, mask=sdpa_mask),
+        "blockwise": lambda: blockwise_attention_with_plan(q, k, v, plan64, SCALE),
+        "metal": lambda: metal_attention.omni_attention_metal_with_plan(q, k, v, plan32, SCALE),
+    }
+    consumed = {name: (lambda call=calls[name]: call().transpose(0, 2, 1, 3).reshape(b, lq, -1)) for name in backends}
+    return {name: round(ms, 3) if isinstance(ms, float) else ms for name, ms in interleaved_best_ms(consumed, repeats).items()}
 
 
 def timing(backends: Sequence[str], dtypes: Sequence[str], quick: bool, log: Callable[[str], None]) -> dict:
