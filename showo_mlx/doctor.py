@@ -253,7 +253,12 @@ def time_shape(shape: Shape, backends: Sequence[str], dtype: str, heads: int, re
     return {name: round(ms, 3) if isinstance(ms, float) else ms for name, ms in interleaved_best_ms(consumed, repeats).items()}
 
 
-def timing(backends: Sequence[str], dtypes: Sequence[str], quick: bool, log: Callable[[str], None]) -> dict:
+def timing(
+    backends: Sequence[str], dtypes: Sequence[str], quick: bool, log: Callable[[str], None], reduced: str | None = None
+) -> dict:
+    """Times on every shape; `quick` (or a `reduced` reason, e.g. a slow BLAS) times 4 heads, once,
+    without the 512 px shape."""
+    quick = quick or reduced is not None
     heads = 4 if quick else 32
     repeats = 1 if quick else 3
     shapes = []
@@ -268,7 +273,7 @@ def timing(backends: Sequence[str], dtypes: Sequence[str], quick: bool, log: Cal
             log(f"timing {shape.name} ({dtype})")
             entry["ms"][dtype] = time_shape(shape, backends, dtype, heads, repeats)
         shapes.append(entry)
-    return {"heads": heads, "repeats": repeats, "dtypes": list(dtypes), "shapes": shapes}
+    return {"heads": heads, "repeats": repeats, "dtypes": list(dtypes), "shapes": shapes, **({"reduced": reduced} if reduced else {})}
 
 
 # -- the machine -----------------------------------------------------------------------------------
@@ -355,8 +360,17 @@ def run_doctor(quick: bool = False, log: Callable[[str], None] = lambda m: None)
         if name not in backends:
             report["parity"]["results"][name] = {"unavailable": report["backends"][name]["reason"]}
     # MLX's CPU backend runs float16/bfloat16 matmuls without BLAS: only float32 is worth timing there.
-    timing_dtypes = DTYPES if mx.default_device().type == mx.DeviceType.gpu else ("float32",)
-    report["timing"] = timing(backends, timing_dtypes, quick, log)
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    timing_dtypes = DTYPES if on_gpu else ("float32",)
+    reduced = None
+    if not on_gpu and not quick:
+        from .launcher import slow_blas_hint
+
+        hint = slow_blas_hint()
+        if hint:  # the bundled reference BLAS: full-size timing would take many minutes
+            log(hint)
+            reduced = "slow BLAS (see the warning above): 4 heads, no 512 px"
+    report["timing"] = timing(backends, timing_dtypes, quick, log, reduced)
     report["choice"] = choices(report)
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report
@@ -414,7 +428,8 @@ def format_report(report: dict) -> str:
 
     t = report["timing"]
     lines += ["", f"time per attention call, ms (best of {t['repeats']}; B x {t['heads']} heads x 64; "
-              f"tiles = share of the Metal kernel's 32x32 tiles computed)"]
+              f"tiles = share of the Metal kernel's 32x32 tiles computed)"
+              + (f"; reduced: {t['reduced']}" if t.get("reduced") else "")]
     head = f"  {'shape':<32} {'dtype':<9} {'Lq x Lk':>11} {'tiles':>6}" + "".join(f"{b:>11}" for b in BACKENDS)
     lines.append(head)
     for shape in t["shapes"]:

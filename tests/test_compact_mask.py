@@ -115,3 +115,27 @@ def test_hot_loop_builds_no_host_mask_per_window(pipe, prompting, fixture_runs, 
     for _ in range(3):
         mx.eval(fn(mx.array(init)))
     assert OmniMask.materialised == before
+
+
+def test_bench_attention_prints_the_compact_mask_rows(monkeypatch, capsys):
+    """benchmarks/bench_attention.py on a small shape: the hot loop's full, compact and pad-dropped
+    SDPA rows, the compact ones equal to the full-mask result."""
+    import importlib.util
+    import re
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--lengths", "200", "--heads", "2", "--repeats", "1", "--prompt-pads", "30"])
+    module.main()
+    out = capsys.readouterr().out
+    for call in ("prefill, rows differ, full mask", "hot loop, full mask", "hot loop, compact key mask (B,1,1,Lk)",
+                 "hot loop, compact, 30 common pad keys dropped"):  # fmt: skip
+        assert call in out, out
+    compact = [line for line in out.splitlines() if "hot loop, compact" in line]
+    assert len(compact) == 2 and " 71x200 " in compact[0] and " 71x170 " in compact[1]
+    for line in compact:
+        assert float(re.search(r"sdpa (\S+)$", line).group(1)) <= 1e-6
