@@ -147,3 +147,15 @@ def test_auto_ignores_unusable_reports(cache, gpu_ready):
         assert (choice(kind="hot"), choice(kind="prefill")) == (want_hot, want_prefill)
     report_path().write_text("{not json")
     assert choice() == "sdpa"
+
+
+def test_memory_limits_report_mlx_limits():
+    """What `showo doctor` prints on macOS (device memory facts there); MLX's own limits anywhere."""
+    from showo_mlx.doctor import memory_limits
+
+    limits = memory_limits()
+    assert limits["mlx_active_memory"] >= 0
+    if hasattr(mx, "get_memory_limit"):
+        assert limits["mlx_memory_limit"] == mx.get_memory_limit() > 0
+    if mx.metal.is_available():
+        assert any("memory" in key for key in limits if key.startswith(("memory", "max", "total")))
