@@ -78,9 +78,9 @@ class CachedImageLogits:
             layouts += prompting.uncond(cond.ids[:, p + 1 : -1]).layouts
         self.cache = cond_cache
         # Image-segment queries see every non-pad key (`training/prompting_utils.py`,
-        # `create_attention_mask_predict_next` with `rm_pad_in_image=True`): every query row of a batch row sees the same keys, so SDPA gets a
-        # (B, 1, 1, Lk) key mask read off the Layouts' flag bytes, built here once for all steps and
-        # layers; None when no row has pads. No Lq x Lk mask is built (attention.OmniMask).
+        # `create_attention_mask_predict_next` with `rm_pad_in_image=True`): all queries of a row see
+        # the same keys, so SDPA gets a (B, 1, 1, Lk) key mask read off the Layouts' flag bytes, built
+        # here once for all steps and layers; None when no row has pads. No Lq x Lk mask is built.
         self.mask = attention_mask(layouts, p, length)
         if self.mask is not None:
             self.mask.sdpa_mask()
