@@ -624,14 +624,17 @@ def reconstruct(
 
 
 def _register_subcommands() -> None:
-    """Commands that live in their own modules: prepare/train/fuse (train/cli.py), bench, info and serve (server/cli.py)."""
+    """Commands that live in their own modules: prepare/train/fuse/init (train/), bench, doctor, info,
+    serve (server/) and eval (eval/); the last two are separable packages."""
     from .bench import register as register_bench
+    from .doctor import register as register_doctor
     from .metadata import register as register_info
     from .train.cli import register as register_training
 
     register_training(app)
     register_bench(app)
     register_info(app)
+    register_doctor(app)
     try:
         from .server.cli import register as register_server
     except ModuleNotFoundError as e:  # showo_mlx/server/ left out: no `showo serve`

@@ -77,8 +77,13 @@ class CachedImageLogits:
             cond_cache = PrefixCache.concat_batch([cond_cache, uncond_cache])
             layouts += prompting.uncond(cond.ids[:, p + 1 : -1]).layouts
         self.cache = cond_cache
-        # Image-segment queries see every non-pad key (spec §5.1); None when there are no pads.
+        # Image-segment queries see every non-pad key (`training/prompting_utils.py`,
+        # `create_attention_mask_predict_next` with `rm_pad_in_image=True`): all queries of a row see
+        # the same keys, so SDPA gets a (B, 1, 1, Lk) key mask read off the Layouts' flag bytes, built
+        # here once for all steps and layers; None when no row has pads. No Lq x Lk mask is built.
         self.mask = attention_mask(layouts, p, length)
+        if self.mask is not None:
+            self.mask.sdpa_mask()
 
     def __call__(self, tokens: mx.array) -> mx.array:
         rows = tokens.shape[0] * (2 if self.guidance > 0 else 1)

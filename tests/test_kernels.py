@@ -1,7 +1,7 @@
 """Block plan, blockwise attention and the Metal kernel against the boolean mask of `Layout.allowed`.
 
-The plan and the blockwise (plain MLX) attention run everywhere; the Metal kernel tests skip without
-Apple silicon. Property tests draw the sequence kinds Show-o builds (t2i with any number of left
+The plan and the blockwise (plain MLX) attention run everywhere; the Metal kernel itself is tested in
+test_metal_kernel.py (emulated everywhere, run on Apple silicon). Property tests draw the sequence kinds Show-o builds (t2i with any number of left
 pads, CFG pairs, mmu prefix-LM, mmu-vit global keys, lm) plus arbitrary Layouts, and query ranges
 with a cached prefix.
 """
@@ -30,11 +30,6 @@ from showo_mlx.kernels import (
 )
 from showo_mlx.kernels import metal_attention
 from showo_mlx.layout import Layout, batch_allowed, causal_layout, mmu_layout, mmu_vit_layout, t2i_layout
-
-NO_METAL = pytest.mark.skipif(
-    not metal_available(), reason="Metal backend not available: needs Apple silicon with MLX's Metal backend"
-)
-
 
 # -- strategies --------------------------------------------------------------------------------
 @st.composite
@@ -227,12 +222,15 @@ def test_pad_rows_finite(pads):
 
 
 # -- backend selection -------------------------------------------------------------------------
-def test_select_backend(monkeypatch):
+def test_select_backend(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHOWO_MLX_CACHE", str(tmp_path))  # no doctor report: nothing verified
     monkeypatch.delenv("SHOWO_ATTENTION", raising=False)
-    assert select_attention_backend() == ("metal" if metal_available() else "sdpa")
-    for name in ("sdpa", "blockwise"):
+    q = mx.zeros((1, 2, 4, 64))
+    assert select_attention_backend() == "sdpa"
+    assert select_attention_backend(q, q, q, kind="hot") == "sdpa"  # SDPA by default, Metal or not
+    for name in ("sdpa", "blockwise", "auto", "SDPA"):
         monkeypatch.setenv("SHOWO_ATTENTION", name)
-        assert select_attention_backend() == name
+        assert select_attention_backend(q, q, q) == ("sdpa" if name.lower() in ("auto", "sdpa") else name)
     monkeypatch.setenv("SHOWO_ATTENTION", "cuda")
     with pytest.raises(AttentionBackendError, match="not a backend"):
         select_attention_backend()
@@ -246,68 +244,71 @@ def test_forcing_metal_without_metal_is_one_line_error(monkeypatch):
     assert "\n" not in str(err.value) and "Metal" in str(err.value)
 
 
+def test_metal_needs_a_gpu_stream(monkeypatch):
+    """Metal present but MLX's default device the CPU: the kernel is not chosen, and forcing it
+    says why (it would run on a GPU stream while the model's arrays live on the CPU)."""
+    monkeypatch.setattr(metal_attention, "metal_available", lambda: True)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    reason = metal_attention.metal_unavailable_reason()
+    assert reason is not None and "default device is the CPU" in reason
+    q = mx.zeros((1, 2, 4, 64))
+    monkeypatch.delenv("SHOWO_ATTENTION", raising=False)
+    assert select_attention_backend(q, q, q, kind="hot") == "sdpa"
+    monkeypatch.setenv("SHOWO_ATTENTION", "metal")
+    with pytest.raises(AttentionBackendError, match="default device is the CPU"):
+        select_attention_backend(q, q, q)
+
+
+def test_forced_metal_and_backend_argument_agree_on_unsupported_shapes(monkeypatch):
+    """SHOWO_ATTENTION=metal and omni_attention(backend="metal") raise the same one-line error for a
+    head dim the kernel does not handle (checked as if Metal were usable here)."""
+    import showo_mlx.kernels as kernels
+
+    monkeypatch.setattr(kernels, "metal_unavailable_reason", lambda: None)
+    layouts = [t2i_layout(12, 2, 5, 11)]
+    q, k, v = random_qkv(1, 2, 12, 12, 16)
+    with pytest.raises(AttentionBackendError) as direct:
+        omni_attention(q, k, v, layouts, 0, 0.25, backend="metal")
+    monkeypatch.setenv("SHOWO_ATTENTION", "metal")
+    with pytest.raises(AttentionBackendError) as forced:
+        omni_attention(q, k, v, layouts, 0, 0.25)
+    for err in (direct, forced):
+        msg = str(err.value)
+        assert "head dim 16" in msg and "SHOWO_ATTENTION=sdpa" in msg and "\n" not in msg
+    assert str(direct.value).split(": ", 1)[1] == str(forced.value).split(": ", 1)[1]
+
+
 def test_dispatch_agrees(monkeypatch):
     layouts = [t2i_layout(30, 3, 12, 29), mmu_layout(30, 14)]
     q, k, v = random_qkv(2, 2, 18, 30, 16)
     ref = masked_sdpa(q, k, v, layouts, 12, 0.25)
+    assert np.abs(np.array(ref) - reference_attention(q, k, v, layouts, 12, 0.25)).max() <= 1e-5
     monkeypatch.setenv("SHOWO_ATTENTION", "blockwise")
     assert mx.abs(omni_attention(q, k, v, layouts, 12, 0.25) - ref).max().item() <= 1e-5
     monkeypatch.delenv("SHOWO_ATTENTION")
     assert mx.abs(omni_attention(q, k, v, layouts, 12, 0.25) - ref).max().item() <= 1e-5
 
 
-# -- the Metal kernel's host side (runs everywhere) ---------------------------------------------
+# -- the Metal kernel's host side (runs everywhere; more in test_metal_kernel.py) ---------------
 def test_metal_inputs_encode_plan():
     layouts = [t2i_layout(100, 10, 40, 99), t2i_layout(100, 37, 40, 99)]
     plan = make_block_plan(layouts, 40, 100, 100, metal_attention.BLOCK_Q, metal_attention.BLOCK_K)
     tiles, counts, flags, params, scale = (np.array(x) for x in metal_attention.kernel_inputs(plan, 32, 0.125))
+    width = params[5]
+    n = 2 * plan.num_q_blocks  # buffers are flat and padded to at least 8 elements
+    tiles = tiles[: n * width].reshape(2, plan.num_q_blocks, width)
+    counts = counts[:n].reshape(2, plan.num_q_blocks)
     for b in range(2):
         for i in range(plan.num_q_blocks):
             entries = tiles[b, i, : counts[b, i]]
             assert [(int(e) >> 1, bool(e & 1)) for e in entries] == plan.visits(b, i)
-    assert params.tolist() == [32, 60, 100, 40, 100, tiles.shape[2]]
-    assert flags.shape == (2, 100) and scale.tolist() == [0.125]
-    grid, threadgroup = metal_attention.launch_config(plan, 32)
-    assert threadgroup == (32, metal_attention.NSG, 1)
-    assert grid == (32, metal_attention.NSG * plan.num_q_blocks, 2 * 32)
-
-
-def test_metal_source_uses_only_intended_attributes():
-    """mx.fast.metal_kernel adds a thread attribute to the signature whenever its name occurs in
-    the source, comments included; keep the set to what the kernel reads."""
-    names = [
-        "thread_position_in_grid", "threads_per_grid", "threads_per_threadgroup", "grid_size",
-        "threadgroups_per_grid", "simdgroups_per_threadgroup", "thread_execution_width",
-        "thread_position_in_threadgroup", "threads_per_simdgroup", "quadgroup_index_in_threadgroup",
-    ]  # fmt: skip
-    for name in names:
-        assert name not in metal_attention._SOURCE
-    for name in ["threadgroup_position_in_grid", "simdgroup_index_in_threadgroup", "thread_index_in_simdgroup"]:
-        assert name in metal_attention._SOURCE
-
-
-# -- the Metal kernel itself (Apple silicon only) ------------------------------------------------
-@NO_METAL
-@pytest.mark.parametrize("dtype, tol", [(mx.float32, 2e-5), (mx.float16, 3e-3), (mx.bfloat16, 3e-2)])
-@pytest.mark.parametrize("length, q_start", [(195, 0), (195, 129), (195, 194), (387, 129), (70, 5)])
-def test_metal_matches_fallback(dtype, tol, length, q_start):
-    soi = min(129, length - 10)
-    layouts = [t2i_layout(length, 3, soi, length - 1), t2i_layout(length, 60, soi, length - 1)]
-    q, k, v = random_qkv(2, 4, length - q_start, length, 64, seed=length + q_start, dtype=dtype)
-    out = metal_attention.omni_attention_metal(q, k, v, layouts, q_start, 0.125)
-    ref = blockwise_attention(q, k, v, layouts, q_start, 0.125, metal_attention.BLOCK_Q, metal_attention.BLOCK_K)
-    assert out.dtype == dtype
-    assert mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max().item() <= tol
-
-
-@NO_METAL
-def test_metal_mixed_kinds_and_short_keys():
-    """Rows of different kinds in one batch, keys shorter than the row (a growing cache)."""
-    layouts = [mmu_layout(90, 40), mmu_vit_layout(90, 3, 50), causal_layout(90)]
-    q, k, v = random_qkv(3, 2, 30, 77, 64)
-    out = metal_attention.omni_attention_metal(q, k, v, layouts, 47, 0.125)
-    ref = reference_attention(q, k, v, layouts, 47, 0.125)
-    assert np.abs(np.array(out) - ref).max() <= 2e-5
+    assert params.tolist() == [32, 60, 100, 40, 100, width]
+    np.testing.assert_array_equal(flags.reshape(2, 100), plan.flags)
+    assert scale.tolist() == [0.125]
+    config = metal_attention.KernelConfig(mx.float32, 64)
+    grid, threadgroup = metal_attention.launch_config(plan, 32, config)
+    assert threadgroup == (config.threads, 1, 1) == (128, 1, 1)
+    assert grid == (128 * plan.num_q_blocks, 32, 2)
 
 
 @pytest.mark.skipif(metal_available(), reason="checks the error raised where Metal is missing")

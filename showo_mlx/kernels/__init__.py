@@ -1,11 +1,12 @@
 """Omni-attention backends: which kernel computes attention for a batch of Layouts.
 
-    sdpa       mx.fast.scaled_dot_product_attention with the boolean mask of the Layouts
-               (every platform; the default without Metal)
-    metal      the fused block-sparse Metal kernel (metal_attention.py; Apple silicon only)
+    sdpa       mx.fast.scaled_dot_product_attention with the smallest exact boolean mask of the
+               Layouts (every platform; the default)
+    metal      the fused block-sparse Metal kernel (metal_attention.py; Apple GPU only), chosen
+               automatically only where `showo doctor` verified it exact and faster (auto.py)
     blockwise  the same block plan in plain MLX ops (blockwise.py): slow, for testing and debugging
 
-`SHOWO_ATTENTION=sdpa|metal|blockwise` forces one; it is read at every call, not at import.
+`SHOWO_ATTENTION=auto|sdpa|metal|blockwise` (default auto) is read at every call, not at import.
 See docs/ATTENTION.md.
 """
 
@@ -17,10 +18,18 @@ from typing import Sequence
 import mlx.core as mx
 
 from ..errors import AttentionBackendError
-from ..layout import Layout, batch_allowed
+from ..layout import Layout
+from .auto import auto_backend
 from .block_plan import FULL, PARTIAL, SKIP, BlockPlan, make_block_plan, position_flags
 from .blockwise import blockwise_attention, blockwise_attention_with_plan
-from .metal_attention import metal_available, metal_supports, omni_attention_metal, omni_attention_metal_with_plan
+from .metal_attention import (
+    metal_available,
+    metal_supports,
+    metal_unavailable_reason,
+    omni_attention_metal,
+    omni_attention_metal_with_plan,
+    unsupported_reason,
+)
 
 BACKENDS = ("sdpa", "metal", "blockwise")
 ENV_VAR = "SHOWO_ATTENTION"
@@ -41,33 +50,58 @@ __all__ = [
     "omni_attention_metal",
     "omni_attention_metal_with_plan",
     "position_flags",
+    "requested_backend",
     "select_attention_backend",
 ]
 
 
-def select_attention_backend() -> str:
-    """"metal" where MLX has Metal, else "sdpa"; SHOWO_ATTENTION overrides (raises
-    AttentionBackendError for an unknown name or for metal where Metal is missing)."""
-    forced = os.environ.get(ENV_VAR, "").strip().lower()
-    if not forced:
-        return "metal" if metal_available() else "sdpa"
-    if forced not in BACKENDS:
-        raise AttentionBackendError(f"{ENV_VAR}={forced!r} is not a backend; use one of {', '.join(BACKENDS)}")
-    if forced == "metal" and not metal_available():
-        raise AttentionBackendError(
-            f"{ENV_VAR}=metal needs Apple silicon with MLX's Metal backend; use {ENV_VAR}=sdpa or blockwise here"
-        )
-    return forced
+def requested_backend() -> str:
+    """SHOWO_ATTENTION (lower case; "auto" when unset); AttentionBackendError for an unknown name."""
+    value = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise AttentionBackendError(f"{ENV_VAR}={value!r} is not a backend; use auto, {', '.join(BACKENDS)}")
+    return value
+
+
+def _check_metal(q: mx.array | None, k: mx.array | None, v: mx.array | None, how: str) -> None:
+    """One error for every way of asking for the kernel where it cannot run (no Metal, CPU stream,
+    unsupported head dim or dtype)."""
+    reason = metal_unavailable_reason()
+    if reason is None and q is not None:
+        reason = unsupported_reason(q, k, v)
+    if reason:
+        raise AttentionBackendError(f"{how} cannot run here: {reason}; use {ENV_VAR}=sdpa")
+
+
+def select_attention_backend(
+    q: mx.array | None = None, k: mx.array | None = None, v: mx.array | None = None, *, kind: str = "prefill"
+) -> str:
+    """The backend for one attention call: SHOWO_ATTENTION when set (AttentionBackendError for an
+    unknown name, or for metal where the kernel cannot run these arrays); otherwise "metal" only
+    where the GPU is the default device, the kernel supports the arrays and the cached doctor report
+    verifies it for their dtype and this `kind` of call ("hot" or "prefill"); else "sdpa"."""
+    requested = requested_backend()
+    if requested == "metal":
+        _check_metal(q, k, v, f"{ENV_VAR}=metal")
+        return "metal"
+    if requested != "auto":
+        return requested
+    if q is None or metal_unavailable_reason() is not None or unsupported_reason(q, k, v) is not None:
+        return "sdpa"
+    return auto_backend(q.dtype, kind)
 
 
 def masked_sdpa(
     q: mx.array, k: mx.array, v: mx.array, layouts: Sequence[Layout], q_start: int, scale: float
 ) -> mx.array:
-    """Reference path: fused SDPA with the (B, 1, Lq, Lk) boolean mask of the Layouts."""
-    mask = batch_allowed(layouts, q_start, q_start + q.shape[2])[:, None, :, : k.shape[2]]
-    if mask.all():  # e.g. image-only query ranges: no mask needed at all
+    """Reference path: fused SDPA with the smallest exact boolean mask of the Layouts (none, a
+    (B, 1, 1, Lk) key mask, or the (B, 1, Lq, Lk) mask; see attention.OmniMask)."""
+    from ..attention import attention_mask
+
+    mask = attention_mask(layouts, q_start, q_start + q.shape[2], k.shape[2])
+    if mask is None:  # e.g. image-only query ranges without pads: no mask needed at all
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mx.array(mask))
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask.sdpa_mask())
 
 
 def omni_attention(
@@ -82,13 +116,13 @@ def omni_attention(
     """Attention of queries q (B, H, Lq, D) at absolute positions [q_start, q_start + Lq) over keys
     k, v (B, H, Lk, D) at positions [0, Lk), under the rule of `layouts` (one per row).
 
-    backend None picks one with `select_attention_backend`; an automatic "metal" falls back to
-    "sdpa" for shapes the kernel does not handle (head dim other than 64, e.g. tiny test models)."""
+    backend None picks one with `select_attention_backend`. "metal" where the kernel cannot run
+    (no Metal, CPU default device, head dim other than 64) raises the same AttentionBackendError as
+    SHOWO_ATTENTION=metal."""
     if backend is None:
-        backend = select_attention_backend()
-        if backend == "metal" and not metal_supports(q, k, v):
-            backend = "sdpa"
+        backend = select_attention_backend(q, k, v)
     if backend == "metal":
+        _check_metal(q, k, v, "the Metal attention kernel")
         return omni_attention_metal(q, k, v, layouts, q_start, scale)
     if backend == "blockwise":
         return blockwise_attention(q, k, v, layouts, q_start, scale)
