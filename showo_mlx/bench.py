@@ -847,7 +847,7 @@ def register(app) -> None:
             head_bits=spec.head_bits if spec else None, vq_dtype=vq_dtype, steps=steps, tokens=tokens,
             recompute_tokens=recompute_tokens, recompute=not no_recompute, phases=tuple(only) if only else PHASES,
             low_ram=low_ram, warmup=not no_warmup, tiny=small,
-            sources={k: v for k, v in current_sources().items() if (k, v) != ("adapter_scale", 1.0)},
+            sources=current_sources(),
             turbo=turbo,
         ).validate()
         hint = slow_blas_hint()

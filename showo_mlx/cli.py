@@ -114,14 +114,15 @@ def check_text_seed(seed: Optional[int]) -> Optional[int]:
 
 
 # -- model and progress ------------------------------------------------------------------------
-def load_pipeline(model: Optional[str], dtype: Optional[str], quantize, low_ram: bool = False):
+def load_pipeline(model: Optional[str], dtype: Optional[str], quantize, low_ram: bool = False, sources: Optional[dict] = None):
     """Load the model for a command: Hub id or folder (default showlab/show-o), `quantize` a
     QuantizeSpec or None (cli_common.quantize_spec), with the command's --adapter-path,
     --adapter-scale, --vq and --tokenizer (cli_sources.model_sources)."""
     from .pipeline import load
 
     start = time.perf_counter()
-    pipe = load(model or DEFAULT_MODEL, dtype=dtype, quantize=quantize, low_ram=low_ram, log=say, **current_sources())
+    sources = current_sources() if sources is None else sources  # given explicitly off the command's thread
+    pipe = load(model or DEFAULT_MODEL, dtype=dtype, quantize=quantize, low_ram=low_ram, log=say, **sources)
     debug(f"model {pipe.model_ref} from {pipe.folder} in {time.perf_counter() - start:.1f} s "
           f"(dtype {dtype or 'as stored'}, {'quantized at load' if quantize else 'no load-time quantization'})")
     return pipe

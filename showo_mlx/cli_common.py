@@ -94,8 +94,8 @@ def handle_errors(fn: Callable | None = None, *, interrupted: str = "interrupted
             undo = _show_library_notes({QUIET: logging.WARNING, NORMAL: logging.INFO, VERBOSE: logging.DEBUG}[_verbosity])
             try:
                 return fn(*args, **kwargs)
-            except ShowoError as e:
-                fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            except ShowoError as e:  # exit 2, or the error's own code (3: training diverged, 4: a rank failed)
+                fail(" ".join(str(e).split()) or type(e).__name__, code=getattr(e, "exit_code", 2))
             except KeyboardInterrupt:
                 typer.echo(f"\n{interrupted}", err=True)
                 raise typer.Exit(130)

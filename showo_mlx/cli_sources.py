@@ -80,4 +80,6 @@ def current_sources(*, adapters: bool = True) -> dict[str, Any]:
     values = dict(_SOURCES.get())
     if not adapters:
         values = {k: values.get(k) for k in ("vq", "tokenizer")}
+    if values.get("adapter_path") is None and values.get("adapter_scale") == 1.0:
+        values.pop("adapter_scale")  # the default scale of no adapters says nothing
     return {k: v for k, v in values.items() if v is not None}

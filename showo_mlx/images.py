@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import io
 import os
 import secrets
 import warnings
@@ -145,23 +146,25 @@ def normalize_mode(image: Image.Image, mode: str = "RGB", alpha: str = "drop") -
     return im
 
 
-def _open(path: str | os.PathLike, notes: list[str] | None = None) -> Image.Image:
-    """Open and fully decode ``path``; every failure becomes a one-line ImageInputError.
+def _open(path: str | os.PathLike | bytes, notes: list[str] | None = None, name: str | None = None) -> Image.Image:
+    """Open and fully decode ``path`` (a file, or the bytes of one named ``name``, e.g. a tar
+    member); every failure becomes a one-line ImageInputError.
 
     The size is known from the header before anything is decoded: over twice
     ``PIL.Image.MAX_IMAGE_PIXELS`` Pillow refuses (an error naming the limit here); between the
     limit and twice it Pillow only warns, and that multi-line warning becomes one note."""
-    p = Path(path)
-    if not p.exists():
+    in_memory = isinstance(path, (bytes, bytearray))
+    p = Path(name or "image") if in_memory else Path(path)
+    if not in_memory and not p.exists():
         raise ImageInputError(f"{p}: no such file")
-    if p.is_dir():
+    if not in_memory and p.is_dir():
         raise ImageInputError(f"{p} is a directory, not an image file")
     try:
-        if p.stat().st_size == 0:
+        if (len(path) if in_memory else p.stat().st_size) == 0:
             raise ImageInputError(f"{p} is empty (0 bytes); not an image")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(p)  # reads the header only
+            im = Image.open(io.BytesIO(path) if in_memory else p)  # reads the header only
             limit = Image.MAX_IMAGE_PIXELS
             if limit and im.width * im.height > limit and notes is not None:
                 notes.append(
@@ -207,14 +210,16 @@ def _apply_exif_orientation(im: Image.Image, notes: list[str]) -> Image.Image:
     return out
 
 
-def load_image(path: str | os.PathLike, mode: str = "RGB", alpha: str = "drop") -> Image.Image:
-    """Read any Pillow-readable file as a PIL image in ``mode`` ("RGB"; "L" for masks).
+def load_image(path: str | os.PathLike | bytes, mode: str = "RGB", alpha: str = "drop", *, name: str | None = None) -> Image.Image:
+    """Read any Pillow-readable file (or its bytes, named ``name`` in messages) as a PIL image in
+    ``mode`` ("RGB"; "L" for masks).
 
     Applies the EXIF orientation, expands palettes, reduces 16-bit to 8-bit, and handles alpha per
     ``alpha`` ("drop": keep the colour channels, as the reference; "white": composite on white).
     Raises :class:`ImageInputError` (one line) for a missing, empty, non-image or truncated file."""
     notes: list[str] = []
-    im = _open(path, notes)
+    im = _open(path, notes, name)
+    path = name if isinstance(path, (bytes, bytearray)) else path  # for the notes below
     im = _apply_exif_orientation(im, notes)
     im.info[NOTES_KEY] = notes
     im = normalize_mode(im, mode, alpha)

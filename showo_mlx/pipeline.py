@@ -39,6 +39,7 @@ from .maskgit import GreedyRandomness, KeyedRandomness, check_schedule, decode_i
 from .memory import apply_low_ram, drop_encoder, magvit_throttle
 from .prompting import Prompting
 from .t2i import CachedImageLogits, UncondPrefixStore
+from .vision import ClipVisionConfig
 
 log = logging.getLogger(__name__)
 
@@ -562,13 +563,12 @@ class Pipeline:
         self.notes = []
         question = check_text(question, "question")
         options = SamplingOptions(temperature, top_k, top_p, seed).validate()
+        length = self.answer_prompt_length(question=question)
+        image = f"{self.cfg.num_vq_tokens} image tokens" if not self.cfg.w_clip_vit else "the CLIP image features"
+        max_tokens = self._answer_budget(length, max_tokens, f"question's prompt ({image}, the question and its format)")
         if self.cfg.w_clip_vit:
             prompt, embeddings = self.vit_prompt(image, question)
-            max_tokens = self._answer_budget(prompt.layout.length, max_tokens, "question's prompt (with 576 image features)")
             return (yield from self._stream(None, [prompt.layout], max_tokens, options, prompt_embeddings=embeddings))
-        length = self.prompting.mmu_length(question, self.cfg.num_vq_tokens)
-        n_image = self.cfg.num_vq_tokens
-        max_tokens = self._answer_budget(length, max_tokens, f"question's prompt ({n_image} image tokens + {length - n_image} of question and format)")
         if codes is None:
             codes = self.encode_image(image)
             self._release_encoder(keep_decoder=False)
@@ -613,6 +613,18 @@ class Pipeline:
 
     def complete(self, text: str, **kwargs) -> str:
         return "".join(self.stream_complete(text, **kwargs))
+
+    def answer_prompt_length(self, *, question: str | None = None, text: str | None = None) -> int:
+        """Positions of the prompt `stream_ask(image, question)` or `stream_complete(text)` builds,
+        known before any image is read (the image's share is fixed by the model)."""
+        if question is None:
+            return len(self.prompting._with_bos(self.prompting.encode(text)))
+        if self.cfg.w_clip_vit:
+            if "vision" not in self.config:
+                self.vision  # noqa: B018 - raises the one-line "re-convert with --vision-tower" error
+            patches = ClipVisionConfig.from_dict(self.config["vision"]["model"]).num_patches
+            return self.prompting.mmu_vit_gen(question, num_image=patches).layout.length
+        return self.prompting.mmu_length(question, self.cfg.num_vq_tokens)
 
     def _answer_budget(self, prompt_length: int, max_tokens: int, what: str) -> int:
         """`max_tokens` fitted into the positions left after the prompt (prompt + answer <=

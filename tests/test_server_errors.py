@@ -129,14 +129,13 @@ def test_api_key_and_body_limit(live_server):
     check_error(*request(live_server, "POST", CHAT, big, {"Content-Type": "application/json"}), 413, "request_too_large", None)
 
 
-def test_top_k_passes_through_or_is_refused(live_server, pipe):
-    import inspect
-
-    status, _, body = request(live_server, "POST", GEN, {"prompt": "a cat", "top_k": 5, "steps": 1})
-    if "top_k" in inspect.signature(pipe.generate).parameters:
-        assert status == 200, body
-    else:
-        check_error(status, {"content-type": "application/json"}, body, 400, "unsupported_parameter", "top_k")
+def test_top_k_passes_through(live_server):
+    status, _, body = request(live_server, "POST", GEN, {"prompt": "a cat", "top_k": 5, "steps": 1, "seed": 2})
+    assert status == 200, body
+    png = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+    assert json.loads(png.text["showo-mlx"])["top_k"] == 5  # it reached the sampler's settings
+    status, _, body = request(live_server, "POST", GEN, {"prompt": "a cat", "top_k": -1, "steps": 1})
+    check_error(status, {"content-type": "application/json"}, body, 400, None, "top_k")
 
 
 # -- load and disconnects ---------------------------------------------------------------------------------

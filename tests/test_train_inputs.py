@@ -323,3 +323,29 @@ def test_prepare_counts_images_without_captions_and_bounds_the_resolution(conver
             prepare(str(folder), tmp_path / "never", model=str(converted), resolution=resolution, log=lines.append,
                     progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_tar_member_images_get_the_file_decoding_limits(monkeypatch):
+    """Images read from tar shards (bytes) are decoded like files: a decompression bomb is refused
+    from its header in one line, and a large-but-allowed one is a note, not a Pillow warning."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    from showo_mlx.errors import ImageInputError
+    from showo_mlx.images import NOTES_KEY
+    from showo_mlx.train.sources import _from_bytes
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(buf, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)  # 400 pixels: over twice the limit
+    with pytest.raises(ImageInputError, match=r"^shard-0/cat\.png is too large to decode safely") as e:
+        _from_bytes(buf.getvalue(), "shard-0/cat.png")()
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # between the limit and twice it: decoded, noted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning would raise here
+        im = _from_bytes(buf.getvalue(), "shard-0/cat.png")()
+    assert im.size == (20, 20) and im.getpixel((0, 0)) == (200, 10, 10)
+    assert any("decompression-bomb warning limit" in n for n in im.info[NOTES_KEY])

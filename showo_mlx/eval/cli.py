@@ -23,6 +23,7 @@ from ..cli_common import (
     handle_errors,
     quantize_spec,
 )
+from ..cli_sources import current_sources, model_sources
 
 _errors = handle_errors(interrupted="interrupted; the answers/images written so far are kept (rerun to continue)")
 
@@ -71,9 +72,10 @@ def vqa_command(
     out = output or Path("eval") / f"{bench.name}-{_slug(model)}"
     spec = quantize_spec(quantize, q_bits, q_group_size, q_head_bits)
     run = {"benchmark": bench.name, "data": data, "model": model, "prompt_suffix": suffix, "max_tokens": tokens,
-           "dtype": dtype, "quantize": spec.bits if spec else None, "limit": limit}
+           "dtype": dtype, "quantize": spec.bits if spec else None, "limit": limit,
+           **{k: str(v) for k, v in current_sources().items()}}
     _echo(f"{bench.name}: {len(items)} questions from {data}; answers in {out}")
-    pipe = load(model, dtype=dtype, quantize=spec, low_ram=low_ram, log=_echo)
+    pipe = load(model, dtype=dtype, quantize=spec, low_ram=low_ram, log=_echo, **current_sources())
     metrics = run_vqa(pipe, bench, items, out, run=run, suffix=suffix, max_tokens=tokens, force=force, log=_echo)
     typer.echo(format_table(metrics))
     typer.echo(f"results: {out / 'results.json'}")
@@ -109,7 +111,7 @@ def geneval_command(
         if limit < 1:
             raise EvalError(f"--limit must be >= 1, got {limit}")
         rows = rows[:limit]
-    pipe = load(model, dtype=dtype, quantize=spec, low_ram=low_ram, log=_echo)
+    pipe = load(model, dtype=dtype, quantize=spec, low_ram=low_ram, log=_echo, **current_sources())
     done = generate_geneval(pipe, rows, out, n=n, seed=seed, batch_size=batch_size, steps=steps, guidance=guidance, log=_echo)
     typer.echo(f"{done['images']} images for {done['prompts']} prompts in {out} ({done['generated']} new); "
                f"score with GenEval: python evaluation/evaluate_images.py {out} --outfile results.jsonl --model-path <detector folder>")
@@ -126,10 +128,10 @@ def register(app: typer.Typer) -> None:
         "  showo eval vqa lmms-lab/POPE --model showlab/show-o\n\n"
         "  showo eval vqa lmms-lab/MME --model showlab/show-o-512x512 --limit 200\n\n"
         "  showo eval vqa data/gqa --benchmark gqa --model ./show-o-4bit -o eval/gqa-4bit\n"
-    ))(_errors(vqa_command))
+    ))(_errors(model_sources(vqa_command)))
     group.command("geneval", epilog=(
         "Examples:\n\n"
         "  showo eval geneval geneval/prompts/evaluation_metadata.jsonl out/geneval --model showlab/show-o\n\n"
         "  showo eval geneval prompts.jsonl out/geneval-512 --model showlab/show-o-512x512 -n 4 --limit 50\n"
-    ))(_errors(geneval_command))
+    ))(_errors(model_sources(geneval_command)))
     app.add_typer(group, name="eval")

@@ -35,7 +35,7 @@ from .inputs import ImageReader
 from .middleware import APIKey, BodyLimit, RequestLog
 from .outputs import OUTPUT_NAME, b64
 from .schemas import ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest, edit_request_from_form
-from .tasks import DEFAULT_MAX_TOKENS, ChatSettings, ImageJob, chat_work, image_work, supports_top_k
+from .tasks import DEFAULT_MAX_TOKENS, ChatSettings, ImageJob, chat_work, image_work
 from .work_queue import TERMINAL, Job, QueueFull, WorkQueue
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -100,11 +100,6 @@ def create_app(work: WorkQueue, options: ServerOptions) -> FastAPI:
         if size in (None, "auto", f"{r}x{r}"):
             return
         raise bad_request(f"size {size!r} is not available: this model makes {r}x{r} images (or use 'auto')", "size", "invalid_size")
-
-    def check_top_k(value: int | None, task: str) -> None:
-        if value is not None and not supports_top_k(pipe, task):
-            raise bad_request("top_k for images is not supported by this showo-mlx version's MaskGIT sampler; leave it out",
-                              "top_k", "unsupported_parameter")
 
     async def next_event(request: Request, job: Job, pending: dict) -> tuple[str, Any]:
         """The job's next event; cancels the job and raises ClientGone if the client disconnects
@@ -274,7 +269,6 @@ def create_app(work: WorkQueue, options: ServerOptions) -> FastAPI:
         body = await read_json(request, ImageGenerationRequest)
         check_model(body.model)
         check_size(body.size)
-        check_top_k(body.top_k, "generate")
         spec = image_spec(body, "generate")
         return await respond_images(request, body, spec, "image_generation")
 
@@ -298,7 +292,6 @@ def create_app(work: WorkQueue, options: ServerOptions) -> FastAPI:
             check_size(body.size)
         elif body.size not in (None, "auto"):
             raise bad_request("an extended image is larger than the model's size; leave size out (or 'auto')", "size", "invalid_size")
-        check_top_k(body.top_k, task)
         image = await run_in_threadpool(reader.from_bytes, image_file, "image")
         mask = None
         if mask_file is not None:

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import typer
 
 from ..cli_common import QBitsOption, QGroupSizeOption, QHeadBitsOption, QuantizeOption, handle_errors, quantize_spec
+from ..cli_sources import current_sources, model_sources
 from ..errors import ShowoError
 
 
@@ -44,18 +45,20 @@ def register(app: typer.Typer) -> None:
         """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/images/...) with a browser page at /."""
         spec = quantize_spec(quantize, q_bits, q_group_size, q_head_bits)
         model = model or commands.DEFAULT_MODEL
-        run_server(lambda: commands.load_pipeline(model, dtype, spec, low_ram), model=model, host=host, port=port,
+        sources = current_sources()  # --adapter-path/--vq/...: read here, the model loads on the worker thread
+        run_server(lambda: commands.load_pipeline(model, dtype, spec, low_ram, sources), model=model, host=host, port=port,
                    api_key=api_key, max_queue=max_queue, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
                    allow_remote_images=allow_remote_images, output_dir=output_dir)
 
-    app.command("serve", epilog=EXAMPLES)(handle_errors(serve, interrupted="stopped"))
+    app.command("serve", epilog=EXAMPLES)(handle_errors(model_sources(serve), interrupted="stopped"))
 
 
 EXAMPLES = (  # shown at the end of `showo serve -h`
     "Examples:\n\n"
     "  showo serve --model showlab/show-o\n\n"
     "  showo serve --model showlab/show-o --port 9000 --api-key secret\n\n"
-    "  showo serve --model ./show-o-4bit --max-queue 2 --low-ram\n"
+    "  showo serve --model ./show-o-4bit --max-queue 2 --low-ram\n\n"
+    "  showo serve --model showlab/show-o --adapter-path runs/my_lora/adapters\n"
 )
 
 

@@ -7,7 +7,6 @@ and, for streamed requests, decodes the current MaskGIT state as a partial image
 
 from __future__ import annotations
 
-import inspect
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..prompting import MMU_QUESTION_TEMPLATE
 from .chat import ChatPrompt
 from .errors import APIError
 from .outputs import b64, png_bytes, preview_image, save_output
@@ -63,10 +61,10 @@ def _fit_context(pipe, prompt: ChatPrompt, s: ChatSettings) -> tuple[int, list[s
     """The prompt plus the answer must fit the model's positions (2048 for Show-o). Tokenizing here,
     on the worker, keeps the tokenizer on one thread."""
     context = pipe.cfg.max_position_embeddings
-    if prompt.image is not None:  # <|mmu|><|soi|> image <|eoi|><|sot|> question (prompting.mmu_gen)
-        used = pipe.cfg.num_vq_tokens + 4 + len(pipe.prompting.encode(MMU_QUESTION_TEMPLATE.format(question=prompt.text)))
+    if prompt.image is not None:
+        used = pipe.answer_prompt_length(question=prompt.text)
     else:
-        used = 1 + len(pipe.prompting.encode(prompt.text))
+        used = pipe.answer_prompt_length(text=prompt.text)
     if used >= context:
         raise APIError(400, f"the prompt is {used} tokens; the model's context is {context}", param="messages", code="context_length_exceeded")
     if used + s.max_tokens <= context:
@@ -100,28 +98,17 @@ class ImageJob:
     offset: int = 0
 
 
-PIPELINE_METHOD = {"generate": "generate", "inpaint": "inpaint", "extend": "extrapolate"}
-
-
-def supports_top_k(pipe, task: str) -> bool:
-    """Whether this showo-mlx's Pipeline takes MaskGIT top-k for `task`."""
-    # TODO(coordinator): MaskGIT top-k is being added to Pipeline in parallel; once
-    # Pipeline.generate/inpaint/extrapolate take `top_k`, this returns True and the field passes through.
-    return "top_k" in inspect.signature(getattr(pipe, PIPELINE_METHOD[task])).parameters
-
-
 def image_work(spec: ImageJob, event_prefix: str):
     def work(pipe, job: Job) -> dict:
         s = pipe.settings(spec.task, steps=spec.steps, guidance=spec.guidance, temperature=spec.temperature,
-                          schedule=spec.schedule, greedy=spec.greedy)
+                          schedule=spec.schedule, greedy=spec.greedy, top_k=spec.top_k)
         warnings = []
         if pipe.truncated([spec.prompt]):
             if spec.strict:
                 raise APIError(400, "the prompt is longer than the model's 126-token limit (strict is set)", param="prompt", code="prompt_too_long")
             warnings.append("prompt truncated to the model's 126-token limit")
-        options = dict(steps=s.steps, guidance=s.guidance, temperature=s.temperature, schedule=s.schedule, greedy=s.greedy)
-        if spec.top_k is not None:
-            options["top_k"] = spec.top_k
+        options = dict(steps=s.steps, guidance=s.guidance, temperature=s.temperature, schedule=s.schedule, greedy=s.greedy,
+                       top_k=s.top_k)  # the model family's top-k (Show-o Turbo) unless the request sets one
         options["callback"] = StepWatcher(pipe, job, spec.partial_images, s.steps, event_prefix)
         if spec.task == "generate":
             results = pipe.generate(spec.prompt, seed=spec.seed, n=spec.n, **options)

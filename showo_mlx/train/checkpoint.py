@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..checkpoint_io import check_safetensors
 from ..errors import CheckpointError, TrainingConfigError, TrainingDivergedError
-from ..fsutil import atomic_output_dir
+from ..fsutil import atomic_output_dir, recover_interrupted
 from .runfolder import read_run_id
 
 CHECKPOINTS = "checkpoints"
@@ -63,6 +63,7 @@ def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
     folder = checkpoint_dir(run)
     if not folder.is_dir():
         return []
+    recover_interrupted(folder)  # a kill between the two renames of a checkpoint's replace left it aside
     found = []
     for p in folder.iterdir():
         m = _NAME.match(p.name)

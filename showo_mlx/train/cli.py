@@ -20,7 +20,6 @@ from typing import List, Optional
 import typer
 
 from ..cli_common import MODEL_HELP, closing_line, fail, handle_errors, say
-from ..errors import DistributedError, TrainingDivergedError
 from ..cli_sources import current_sources, model_sources
 
 _errors = handle_errors(interrupted="interrupted; the last checkpoint is kept (resume with --resume)")
@@ -113,14 +112,11 @@ def train_command(
     cfg = TrainConfig.load(config, overrides, set_ or [])
     for note in getattr(cfg, "notes", []):
         _echo(f"note: {note}")
-    try:
-        with _sigterm_interrupts() as signal_fd:
-            trainer = Trainer(cfg, resume=resume, force=force, log=_echo)
-            if trainer.world.watchdog is not None and signal_fd is not None:
-                trainer.world.watchdog.watch_signals(signal_fd)
-            result = trainer.run()
-    except (TrainingDivergedError, DistributedError) as e:
-        fail(" ".join(str(e).split()), code=e.exit_code)
+    with _sigterm_interrupts() as signal_fd:  # diverged (exit 3) / distributed (exit 4): handle_errors
+        trainer = Trainer(cfg, resume=resume, force=force, log=_echo)
+        if trainer.world.watchdog is not None and signal_fd is not None:
+            trainer.world.watchdog.watch_signals(signal_fd)
+        result = trainer.run()
     if trainer.world.is_main:
         last = result.history[-1] if result.history else None
         if last is not None:

@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .. import __version__
 from ..checkpoint_io import check_safetensors
 from ..errors import CheckpointError, TrainingConfigError
-from ..fsutil import atomic_output_dir
+from ..fsutil import atomic_output_dir, read_regular_file
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -104,13 +104,13 @@ def save_adapters(folder: Path, model: nn.Module, config: dict[str, Any], force:
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text())
+    try:  # a regular file of sane size: never a FIFO that blocks or a link to /dev/zero
+        config = json.loads(read_regular_file(path, limit=1 << 20, error=TrainingConfigError))
     except FileNotFoundError:
         raise TrainingConfigError(f"{path} not found; pass the adapters folder written by `showo train --lora`") from None
-    except json.JSONDecodeError as e:
-        raise TrainingConfigError(f"{path} is not valid JSON ({e.msg})") from None
-    if config.get("fine_tune_type") != "lora":
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise TrainingConfigError(f"{path} is not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+    if not isinstance(config, dict) or config.get("fine_tune_type") != "lora":
         raise TrainingConfigError(f"{path} does not describe LoRA adapters")
     return config
 

@@ -17,7 +17,6 @@ caller) and nothing is held in memory beyond the current sample.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import re
 import tarfile
@@ -28,7 +27,7 @@ from typing import Callable, Iterator
 from PIL import Image
 
 from ..errors import ImageInputError, TrainingConfigError
-from ..images import load_image, normalize_mode
+from ..images import load_image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTS = (".txt", ".text", ".caption")
@@ -48,15 +47,8 @@ def _from_path(path: Path) -> Callable[[], Image.Image]:
 
 
 def _from_bytes(data: bytes, name: str) -> Callable[[], Image.Image]:
-    def load() -> Image.Image:
-        try:
-            im = Image.open(io.BytesIO(data))
-            im.load()
-        except Exception as e:  # PIL raises many types for bad bytes
-            raise ImageInputError(f"{name} is not a readable image ({' '.join(str(e).split())})") from None
-        return normalize_mode(im, "RGB")
-
-    return load
+    # the same decoding as a file: size limits from the header, EXIF orientation, one-line errors
+    return lambda: load_image(data, "RGB", name=name)
 
 
 # -- layouts ---------------------------------------------------------------------------------------
