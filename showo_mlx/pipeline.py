@@ -564,8 +564,8 @@ class Pipeline:
         question = check_text(question, "question")
         options = SamplingOptions(temperature, top_k, top_p, seed).validate()
         length = self.answer_prompt_length(question=question)
-        image = f"{self.cfg.num_vq_tokens} image tokens" if not self.cfg.w_clip_vit else "the CLIP image features"
-        max_tokens = self._answer_budget(length, max_tokens, f"question's prompt ({image}, the question and its format)")
+        pictured = f"{self.cfg.num_vq_tokens} image tokens" if not self.cfg.w_clip_vit else "the CLIP image features"
+        max_tokens = self._answer_budget(length, max_tokens, f"question's prompt ({pictured}, the question and its format)")
         if self.cfg.w_clip_vit:
             prompt, embeddings = self.vit_prompt(image, question)
             return (yield from self._stream(None, [prompt.layout], max_tokens, options, prompt_embeddings=embeddings))
