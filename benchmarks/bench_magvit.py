@@ -6,7 +6,7 @@ Run by hand, e.g.:
 
 On Linux CPU, preload OpenBLAS first or float32 convolutions run on the bundled reference BLAS
 (~20x slower); half precision bypasses BLAS entirely and is very slow there (see
-docs / shared mlx-on-linux notes), so the default on a machine without Metal is float32 only:
+docs/PERFORMANCE.md, "Running on Linux"), so the default on a machine without Metal is float32 only:
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
     OPENBLAS_CORETYPE=SkylakeX python benchmarks/bench_magvit.py

@@ -5,7 +5,7 @@ Three tasks, each the way the pipeline runs it and the way the reference runs it
 * t2i: MaskGIT steps (batch 1, CFG on) with the text prefixes cached (`CachedImageLogits`) vs the
   reference's full recompute of both rows over the whole vocabulary (`RecomputeImageLogits`);
 * ask: answer tokens with the KV cache (`generate_tokens`) vs the reference's full forward of the
-  whole sequence per token (spec §6.9);
+  whole sequence per token (`models/modeling_showo.py`, `Showo.mmu_generate`);
 * MAGVIT-v2 encode and decode;
 * with `--turbo`, Show-o Turbo's image (4 steps, no CFG, top-k) beside Show-o's default image (18
   steps at 256 px / 50 at 512 px, CFG): the user-visible speed-up of the Turbo checkpoints;
@@ -275,7 +275,7 @@ def now() -> float:
 
 
 def default_steps(cfg: ShowoConfig) -> int:
-    return 50 if cfg.num_vq_tokens >= 1024 else 18  # the pipeline's t2i defaults (spec §6.4)
+    return 50 if cfg.num_vq_tokens >= 1024 else 18  # the pipeline's t2i defaults (the official README's commands)
 
 
 def default_guidance(cfg: ShowoConfig) -> float:
@@ -424,7 +424,7 @@ def bench_turbo(c: Components, opts: BenchOptions, cond, init: np.ndarray, shown
 
 
 def reference_next_token(model: ShowoTransformer, ids: mx.array, eoi: int) -> int:
-    """One answer token the reference's way (spec §6.9): the whole sequence through the model with
+    """One answer token the reference's way (`Showo.mmu_generate`): the whole sequence through the model with
     the grown prefix-LM mask, logits for every position over the full vocabulary, argmax of the last."""
     mask = attention_mask([mmu_layout(ids.shape[1], eoi)])
     logits = model(ids, mask=mask)[:, -1, :]

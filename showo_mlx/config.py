@@ -1,8 +1,10 @@
 """Model configurations: the unified transformer (`ShowoConfig`) and MAGVIT-v2 (`MagvitConfig`).
 
-Both read the official Hub ``config.json`` files (diffusers ``ConfigMixin`` layout, spec §1.7) and our
+Both read the official Hub ``config.json`` files (diffusers ``ConfigMixin`` layout, read by the official
+``models/modeling_utils.py``) and our
 own converted ``config.json``. The Hub Show-o config does not carry the Phi-1.5 numbers (the reference
-fetches them from ``microsoft/phi-1_5`` at run time), so they are embedded here as defaults (spec §1.1);
+fetches them from ``microsoft/phi-1_5`` at run time in ``models/modeling_showo.py``, ``Showo.__init__``),
+so they are embedded here as defaults;
 a config with an ``llm_config`` block (the test fixtures) overrides them.
 """
 
@@ -17,7 +19,7 @@ from typing import Any
 from .config_schema import SHOWO_FIELDS, check_magvit_fields, check_number, check_showo_fields, fail, require_object
 from .errors import ShowoConfigError, ShowoError
 
-# microsoft/phi-1_5 numbers (spec §1.1); used when the Hub config only names the LLM.
+# microsoft/phi-1_5's config.json numbers (what `Showo.__init__` reads); used when the Hub config only names the LLM.
 PHI_1_5 = dict(
     hidden_size=2048,
     num_hidden_layers=24,
@@ -33,7 +35,8 @@ PHI_1_5 = dict(
 
 @dataclass
 class ShowoConfig:
-    """Numbers of the unified transformer and of its vocabulary layout (spec §1.1, §1.5)."""
+    """Numbers of the unified transformer and of its vocabulary layout (Phi-1.5 resized to 58498 rows
+    by `Showo.__init__`; the added tokens of `training/prompting_utils.py`, `UniversalPrompting.__init__`)."""
 
     hidden_size: int = 2048
     num_hidden_layers: int = 24
@@ -50,7 +53,8 @@ class ShowoConfig:
     num_vq_tokens: int = 256
     mask_token_id: int = 58497
     num_new_special_tokens: int = 10
-    # The demo text block is max_seq_length + 1 tokens (spec §9: 128, not the tuning configs' values).
+    # The demo text block is max_seq_length + 1 tokens: 128 as in the official `configs/showo_demo.yaml`
+    # the inference scripts use, not the instruction-tuning configs' values.
     max_seq_length: int = 128
     w_clip_vit: bool = False
 
@@ -149,7 +153,8 @@ class MagvitCoderConfig:
 
 @dataclass
 class MagvitConfig:
-    """MAGVIT-v2 hyper-parameters; defaults are the released showlab/magvitv2 (spec §7)."""
+    """MAGVIT-v2 hyper-parameters; defaults are the released showlab/magvitv2 (hard-coded in the
+    official `models/modeling_magvitv2.py`, `VQGANEncoder` / `VQGANDecoder` / `LFQuantizer`)."""
 
     encoder: MagvitCoderConfig = field(default_factory=MagvitCoderConfig)
     decoder: MagvitCoderConfig = field(

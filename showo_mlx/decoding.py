@@ -1,6 +1,7 @@
 """Autoregressive text decoding with a KV cache (answers and plain completion).
 
-The reference re-runs the whole sequence for every new token (spec §6.9); its grown mask is
+The reference re-runs the whole sequence for every new token (`models/modeling_showo.py`,
+`Showo.mmu_generate`); its grown mask is
 equivalent to ordinary causal decoding after a prefix computed with the MMU mask, so here the
 prefix is computed once and each token costs one position. Sampling uses mlx-lm's samplers;
 temperature 0 is argmax, the reference's greedy `top_k=1` demo setting.

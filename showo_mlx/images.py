@@ -1,4 +1,6 @@
-"""Image I/O and the reference-exact pixel transforms around MAGVIT-v2 (spec §6.1, §6.2, §6.6).
+"""Image I/O and the reference-exact pixel transforms around MAGVIT-v2: the official
+`training/utils.py`, `image_transform`, and `inference_t2i.py`'s post-processing and inpainting-mask
+downsampling.
 
 Conventions:
   * Arrays are numpy and channels-last: preprocessed pixels are ``(1, R, R, C)`` float32 (NHWC, one

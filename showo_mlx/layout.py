@@ -1,6 +1,8 @@
 """Layout: a description of one token sequence by its segments, and the attention rule it implies.
 
-The reference builds three kinds of L×L additive masks (spec §5). All three are readings of one
+The reference builds three kinds of L×L additive masks (official `training/prompting_utils.py`:
+`create_attention_mask_predict_next`, `create_attention_mask_for_mmu`,
+`create_attention_mask_for_mmu_vit`). All three are readings of one
 rule over a few segment facts, which a `Layout` records:
 
     allowed(q, k) = ( k <= q                      causal
@@ -10,8 +12,9 @@ rule over a few segment facts, which a `Layout` records:
                     and ( k is not a hidden pad  or  q is a hidden pad )
 
 Hidden pads are the t2i left pads (`rm_pad_in_image=True`); pad rows keep causal pad-to-pad
-attention so that no row is ever empty (spec §5.5). Masks are boolean (True = may attend), never
-additive with -2^63 (spec trap 18).
+attention so that no row is ever empty (as `create_attention_mask_predict_next` keeps them; an empty
+row would leak NaNs). Masks are boolean (True = may attend), never additive with the official
+builders' -2^63, which overflows to -inf in float16.
 """
 
 from __future__ import annotations
@@ -82,24 +85,28 @@ def batch_allowed(layouts: Sequence[Layout], q_start: int = 0, q_end: int | None
     return np.stack([lay.allowed(q_start, q_end) for lay in layouts])
 
 
-# -- constructors for the reference's sequence kinds (spec §4, §5) -----------------------------
+# -- constructors for the reference's sequence kinds (`UniversalPrompting` and its mask builders) --
 def t2i_layout(length: int, num_left_pads: int, soi: int, eoi: int) -> Layout:
-    """§5.1 with rm_pad_in_image=True: left pads hidden, soi..eoi bidirectional."""
+    """`create_attention_mask_predict_next` with rm_pad_in_image=True: left pads hidden, soi..eoi
+    bidirectional."""
     return Layout(length, pads=((0, num_left_pads),) if num_left_pads else (), image_spans=((soi, eoi + 1),))
 
 
 def causal_layout(length: int, image_spans: tuple[Span, ...] = ()) -> Layout:
-    """§5.1 with rm_pad_in_image=False (lm rows): causal, image spans (if any) bidirectional."""
+    """`create_attention_mask_predict_next` with rm_pad_in_image=False (lm rows): causal, image spans
+    (if any) bidirectional."""
     return Layout(length, image_spans=image_spans)
 
 
 def mmu_layout(length: int, eoi: int) -> Layout:
-    """§5.2: prefix-LM, everything up to and including the first eoi is bidirectional."""
+    """`create_attention_mask_for_mmu`: prefix-LM, everything up to and including the first eoi is
+    bidirectional."""
     return Layout(length, prefix_len=eoi + 1)
 
 
 def mmu_vit_layout(length: int, system_prompt_len: int = 28, num_image: int = 576) -> Layout:
-    """§5.3: causal, and every query sees the image columns [s, s + num_image)."""
+    """`create_attention_mask_for_mmu_vit`: causal, and every query sees the image columns
+    [s, s + num_image)."""
     s = 1 + system_prompt_len + 1
     return Layout(length, global_keys=((s, s + num_image),))
 
@@ -107,7 +114,8 @@ def mmu_vit_layout(length: int, system_prompt_len: int = 28, num_image: int = 57
 def layout_from_ids(ids: Sequence[int], kind: str, *, pad_id: int, soi_id: int, eoi_id: int) -> Layout:
     """Read a Layout off a row of token ids the way the reference's mask builders read their ids.
 
-    kind: "t2i" (§5.1, pads hidden), "lm" (§5.1 without pad removal), "mmu" (§5.2)."""
+    kind: "t2i" (`create_attention_mask_predict_next`, pads hidden), "lm" (the same without pad
+    removal), "mmu" (`create_attention_mask_for_mmu`)."""
     ids = np.asarray(ids)
     length = len(ids)
     if kind == "mmu":
@@ -115,8 +123,9 @@ def layout_from_ids(ids: Sequence[int], kind: str, *, pad_id: int, soi_id: int, 
         if not len(eoi):
             raise ValueError("an mmu row needs an <|eoi|> token")
         return mmu_layout(length, int(eoi[0]))
-    # The reference's reading (spec §5.1): a position is in an image segment when more soi than
-    # eoi tokens precede it (cumulative counts), or it is a soi/eoi token itself.
+    # The reference's reading (`create_attention_mask_predict_next`): a position is in an image
+    # segment when more soi than eoi tokens precede it (cumulative counts), or it is a soi/eoi
+    # token itself.
     is_soi, is_eoi = ids == soi_id, ids == eoi_id
     img = (np.cumsum(is_soi) > np.cumsum(is_eoi)) | is_soi | is_eoi
     spans = _runs(img)

@@ -1,4 +1,6 @@
-"""MAGVIT-v2 image tokenizer: encoder, lookup-free quantizer (LFQ) and decoder (spec §7).
+"""MAGVIT-v2 image tokenizer: encoder, lookup-free quantizer (LFQ) and decoder (official
+`models/modeling_magvitv2.py`: `VQGANEncoder`, `LFQuantizer`, `VQGANDecoder`; blocks from
+`models/common_modules.py`).
 
 Layout: MLX convolutions are channels-last, so every image tensor here is **NHWC** -- pixels in are
 ``(B, H, W, 3)`` floats in [-1, 1], pixels out are ``(B, H, W, 3)`` (unclamped), latents are
@@ -263,7 +265,8 @@ class MagvitV2(nn.Module):
     def quantize(self, latents: mx.array) -> mx.array:
         """LFQ on ``(B, h, w, bits)`` latents -> int32 codes ``(B, h*w)`` row-major.
 
-        ``z > 0`` is bit 1 and ``z <= 0`` (exact zero included) is bit 0 (spec §10 trap 12)."""
+        ``z > 0`` is bit 1 and ``z <= 0`` (exact zero included) is bit 0; channel 0 is the most
+        significant bit (`models/modeling_magvitv2.py`, `LFQuantizer`)."""
         b, h, w, bits = latents.shape
         on = (latents > 0).astype(mx.int32)
         return mx.sum(on * self._bit_weights(), axis=-1).reshape(b, h * w)

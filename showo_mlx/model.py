@@ -1,4 +1,5 @@
-"""The unified Show-o transformer: Phi-1.5 with per-head QK-LayerNorm (spec §1.2, §1.3).
+"""The unified Show-o transformer: Phi-1.5 with per-head QK-LayerNorm (official
+`models/phi.py`: `PhiForCausalLM`, `PhiAttention.forward`, `PhiDecoderLayer`).
 
     x0 = E[ids] (or caller-supplied embeddings)
     per layer:  h = LN(x);  x = x + Attn(h) + MLP(h)          (parallel residual, one shared LN)
@@ -84,7 +85,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=True)
         self.v_proj = nn.Linear(dim, dim, bias=True)
         self.dense = nn.Linear(dim, dim, bias=True)
-        # Show-o normalises each head's 64 features with one shared affine (spec trap 5).
+        # Show-o normalises each head's 64 features with one shared affine, before RoPE
+        # (`models/phi.py`, `PhiAttention.forward`), not on the 2048-wide projection as upstream Phi.
         self.q_layernorm = nn.LayerNorm(self.head_dim, eps=cfg.layer_norm_eps)
         self.k_layernorm = nn.LayerNorm(self.head_dim, eps=cfg.layer_norm_eps)
         self.rope = nn.RoPE(cfg.rotary_dim, traditional=False, base=cfg.rope_theta)

@@ -480,9 +480,9 @@ class Pipeline:
         top_k: int | None = None,
         allow_long: bool = False,
     ) -> list[GeneratedImage]:
-        """Outpaint step by step (spec §6.7): each direction adds half a window (plus `offset`)
-        of new tokens on that side. "down" works (the reference crashes on it). The final canvas
-        may cover at most 16 windows unless `allow_long=True`."""
+        """Outpaint step by step (`inference_t2i.py`, extrapolation): each direction adds half a
+        window (plus `offset`) of new tokens on that side. "down" works (the reference crashes on
+        it). The final canvas may cover at most 16 windows unless `allow_long=True`."""
         self.notes = []
         s = self.settings("extend", allow_long=allow_long, steps=steps, guidance=guidance, temperature=temperature, schedule=schedule, greedy=greedy, top_k=top_k)
         directions = [str(d).lower() for d in directions] if not isinstance(directions, str) else [directions.lower()]
@@ -734,7 +734,8 @@ def grow_canvas(canvas: np.ndarray, direction: str, m: int, mask_code: int) -> n
 
 
 def extension_windows(shape: tuple[int, int], direction: str, w: int) -> list[tuple[slice, slice]]:
-    """W×W windows covering the new border of a grown canvas of `shape` (spec §6.7).
+    """W×W windows covering the new border of a grown canvas of `shape` (`inference_t2i.py`,
+    extrapolation).
 
     Along the extension axis the window holds the m new and the k = W − m old rows/columns next to
     them, as in the reference. Along the other axis the reference needs the canvas to be exactly W

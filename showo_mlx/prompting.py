@@ -1,4 +1,5 @@
-"""Text tokenizer and the reference's sequence builders (spec §3, §4).
+"""Text tokenizer and the reference's sequence builders (official `training/prompting_utils.py`,
+`UniversalPrompting`, and the question formats of `inference_mmu.py`).
 
 Every special id is derived from the tokenizer and the model config, never hard-coded: the test
 fixture's tokenizer has a 499-token vocabulary, so 50256/50295/50305 would be wrong there.
@@ -21,7 +22,7 @@ from .layout import Layout, layout_from_ids, mmu_layout, mmu_vit_layout
 from .limits import check_text
 
 IGNORE_ID = -100
-# The nine tokens UniversalPrompting adds after [PAD], in the reference order (spec §1.5).
+# The nine tokens UniversalPrompting adds after [PAD], in the reference order (`UniversalPrompting.__init__`).
 TASK_TOKENS = ("<|soi|>", "<|eoi|>", "<|sov|>", "<|eov|>", "<|t2i|>", "<|mmu|>", "<|t2v|>", "<|v2v|>", "<|lvg|>")
 PAD_TOKEN = "[PAD]"
 TOKENIZER_FILES = (
@@ -83,7 +84,7 @@ def _load_hf_tokenizer(folder: Path):
 
 @dataclass(frozen=True)
 class SpecialIds:
-    bos: int  # = eos = <|sot|> = <|eot|> (spec trap 3)
+    bos: int  # = eos = <|sot|> = <|eot|> (`UniversalPrompting.__init__`'s sptids_dict)
     pad: int
     soi: int
     eoi: int
@@ -149,7 +150,7 @@ class Prompting:
             )
         self.tokenizer = tok
         self.config = config
-        self.max_text_len = config.max_seq_length + 1  # "+1 for the task token" (spec §4)
+        self.max_text_len = config.max_seq_length + 1  # "+1 for the task token" (`UniversalPrompting.__init__`)
         get = tok.convert_tokens_to_ids
         self.ids = SpecialIds(
             bos=tok.bos_token_id,
@@ -176,11 +177,12 @@ class Prompting:
         return clean_up_spaces(text)
 
     def _with_bos(self, tokens: list[int]) -> list[int]:
-        # "if the tokenised text already starts with bos no second one is added" (spec §3)
+        # as every UniversalPrompting builder does: no second bos when the tokenised text starts with one
         return tokens if tokens[:1] == [self.ids.bos] else [self.ids.bos] + tokens
 
     def t2i_text_block(self, prompt: str) -> tuple[list[int], bool]:
-        """The 129-token left-padded text block of §4.1; returns (block, was_truncated)."""
+        """The 129-token left-padded text block of `UniversalPrompting.t2i_gen_prompt`; returns
+        (block, was_truncated)."""
         text = [self.ids.t2i] + self._with_bos(self.encode(prompt)) + [self.ids.eos]
         n = self.max_text_len
         if len(text) <= n:
@@ -201,13 +203,14 @@ class Prompting:
         return [layout_from_ids(r, "t2i", pad_id=self.ids.pad, soi_id=self.ids.soi, eoi_id=self.ids.eoi) for r in ids]
 
     def t2i_gen(self, prompts: Sequence[str], image_tokens: np.ndarray) -> Prompt:
-        """§4.1: text block(129) + soi + image ids (known: offset+code, unknown: [MASK]) + eoi."""
+        """`UniversalPrompting.t2i_gen_prompt`: text block(129) + soi + image ids (known: offset+code,
+        unknown: [MASK]) + eoi."""
         blocks = [self.t2i_text_block(p) for p in prompts]
         ids = self._rows([b for b, _ in blocks], image_tokens)
         return Prompt(ids, self.t2i_layouts(ids), truncated=[t for _, t in blocks])
 
     def uncond(self, image_tokens: np.ndarray) -> Prompt:
-        """The CFG row: the empty prompt sharing the image tokens (spec §4.1)."""
+        """The CFG row: the empty prompt sharing the image tokens (as `inference_t2i.py` builds it)."""
         return self.t2i_gen([""] * len(image_tokens), image_tokens)
 
     def mmu_length(self, question: str, num_image_tokens: int) -> int:
@@ -215,7 +218,7 @@ class Prompting:
         return 4 + num_image_tokens + len(self.encode(MMU_QUESTION_TEMPLATE.format(question=question)))
 
     def mmu_gen(self, image_tokens: np.ndarray, question: str) -> Prompt:
-        """§4.4 MAGVIT path: <|mmu|><|soi|> img <|eoi|><|sot|> tok("USER: \\n{q} ASSISTANT:")."""
+        """`inference_mmu.py`, MAGVIT path: <|mmu|><|soi|> img <|eoi|><|sot|> tok("USER: \\n{q} ASSISTANT:")."""
         image_tokens = np.asarray(image_tokens, dtype=np.int64).reshape(1, -1)
         q = self.encode(MMU_QUESTION_TEMPLATE.format(question=question))
         head = np.array([[self.ids.mmu, self.ids.soi]])
@@ -253,7 +256,8 @@ class Prompting:
         cond_dropout_prob: float = 0.0,
         rng: np.random.Generator | None = None,
     ) -> Prompt:
-        """§4.2: as t2i_gen with masked image input and labels; condition dropout → empty prompt."""
+        """`UniversalPrompting.t2i_prompt`: as t2i_gen with masked image input and labels; condition
+        dropout → empty prompt."""
         rng = rng or np.random.default_rng()
         texts = []
         for p in prompts:
@@ -272,7 +276,8 @@ class Prompting:
         return tokens[: length - 1] + [self.ids.eos] if eos_on_truncate else tokens[:length]
 
     def mmu(self, image_tokens: np.ndarray, texts: Sequence[str]) -> Prompt:
-        """§4.3 captioning layout: [mmu, soi] image [eoi] text(128, right-padded); labels on text."""
+        """`UniversalPrompting.mmu_prompt` (captioning layout): [mmu, soi] image [eoi] text(128,
+        right-padded); labels on text."""
         image_tokens = np.asarray(image_tokens, dtype=np.int64)
         n_text = self.max_text_len - 1
         rows = [
@@ -288,7 +293,7 @@ class Prompting:
         return Prompt(ids, [mmu_layout(ids.shape[1], eoi) for _ in range(b)], labels=labels)
 
     def lm(self, texts: Sequence[str], length: int) -> Prompt:
-        """§4.5: [bos] tokens [eos] right-padded to `length`; truncated without a final eos."""
+        """`UniversalPrompting.lm_prompt`: [bos] tokens [eos] right-padded to `length`; truncated without a final eos."""
         rows = [self._right_padded(self._with_bos(self.encode(t)) + [self.ids.eos], length, False) for t in texts]
         ids = np.asarray(rows, dtype=np.int64)
         labels = np.where(ids == self.ids.pad, IGNORE_ID, ids)

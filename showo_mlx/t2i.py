@@ -1,7 +1,8 @@
-"""The transformer as MaskGIT's image-logits function (spec §6.3 step 1), two ways.
+"""The transformer as MaskGIT's image-logits function (the first step of each iteration of the
+official `Showo.t2i_generate`, `models/modeling_showo.py`), two ways.
 
-`CachedImageLogits` (default): the 129-token text block never attends to image positions (spec
-§5.1), so its per-layer keys/values are computed once per prompt, and once per loaded model for the
+`CachedImageLogits` (default): the 129-token text block never attends to image positions (the
+official `create_attention_mask_predict_next`, `training/prompting_utils.py`), so its per-layer keys/values are computed once per prompt, and once per loaded model for the
 unconditional prompt; each step then runs only soi + N image tokens + eoi, and the head only over
 the image-code rows of the vocabulary.
 

@@ -108,8 +108,8 @@ def test_synthetic_prompting_builds_the_real_shapes():
 # -- sizes: the arithmetic behind the 4-bit folder target -------------------------------------------
 def test_size_arithmetic_matches_the_real_model():
     cfg = ShowoConfig()
-    assert bench.param_count(ShowoTransformer(cfg)) == 1_448_176_770  # spec §1.1
-    assert bench.expected_transformer_bytes(cfg, None, "float32") == 5_792_707_080  # spec showo-keys.txt
+    assert bench.param_count(ShowoTransformer(cfg)) == 1_448_176_770  # the official Showo's parameter count
+    assert bench.expected_transformer_bytes(cfg, None, "float32") == 5_792_707_080  # its 437 float32 tensors
     rows = {(r["scales"], r["group_size"], r["head_bits"]): r for r in bench.size_table()}
     assert len(rows) == 18
     best = rows[("float16", 128, 4)]

@@ -1,4 +1,6 @@
-"""Layout → mask rules against a direct per-pair reading of the reference builders (spec §5)."""
+"""Layout → mask rules against a direct per-pair reading of the reference builders
+(`training/prompting_utils.py`: `create_attention_mask_predict_next`, `create_attention_mask_for_mmu`,
+`create_attention_mask_for_mmu_vit`)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ TEXT = st.integers(0, 98)
 
 
 def predict_next_allowed(ids, rm_pad_in_image: bool) -> np.ndarray:
-    """§5.1 pair by pair: image-segment queries (cumulative soi > eoi, or the delimiters) see every
+    """`create_attention_mask_predict_next` pair by pair: image-segment queries (cumulative soi > eoi, or the delimiters) see every
     non-pad key; text queries are causal; with pad removal, pads are seen only by pad queries."""
     n = len(ids)
     soi_seen = np.cumsum([t == SOI for t in ids])
@@ -52,7 +54,7 @@ def test_t2i_rule(ids):
     lay = layout_from_ids(ids, "t2i", pad_id=PAD, soi_id=SOI, eoi_id=EOI)
     allowed = lay.allowed()
     np.testing.assert_array_equal(allowed, predict_next_allowed(ids, rm_pad_in_image=True))
-    assert allowed.any(axis=1).all(), "an empty row would leak NaNs (spec §5.5)"
+    assert allowed.any(axis=1).all(), "an empty row would leak NaNs"
 
 
 @given(lm_rows())

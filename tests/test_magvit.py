@@ -90,7 +90,7 @@ def test_parameter_names_match_official(config, weights):
 
 
 def test_default_config_matches_official_sizes():
-    """The full-size architecture has the official 380 trainable tensors (magvitv2-keys.txt: 382
+    """The full-size architecture has the official 380 trainable tensors (the official MAGVITv2 state_dict: 382
     tensors and 95,493,513 elements including the 8192x13 + 13 quantizer buffers)."""
     params = dict(tree_flatten(MagvitV2(MagvitConfig()).parameters()))
     assert len(params) == 380

@@ -1,4 +1,4 @@
-"""MaskGIT loop: schedules and mask_len against the spec traces, whole-loop replays of the reference
+"""MaskGIT loop: schedules and mask_len against traces recorded from the official loop, whole-loop replays of the reference
 fixture runs (no transformer: the stored per-step probabilities stand in for the model), seeded and
 greedy randomness, properties, and input errors."""
 
@@ -89,7 +89,7 @@ def cumulative_mask_lens(n, steps, unknown, schedule="cosine"):
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. Schedules, mask_len and temperature against spec §6.3
+# 1. Schedules, mask_len and temperature against `Showo.t2i_generate`'s recorded traces
 # ------------------------------------------------------------------------------------------------
 
 SPEC_TRACES = {
@@ -148,7 +148,7 @@ def test_mask_len_vectorised_forms_agree():
 
 def test_temperature_anneals_cumulatively():
     spec_t12 = [.916667, .763889, .572917, .381944, .222801, .111400, .046417, .015472, .003868,
-                .000645, .000054, 0]  # fmt: skip  (spec §6.3, six decimals)
+                .000645, .000054, 0]  # fmt: skip  (recorded from Showo.t2i_generate, six decimals)
     taus = annealed_temperatures(1.0, 12)
     assert taus == pytest.approx(spec_t12, abs=5e-7)
     expected = [math.prod(1 - j / 12 for j in range(1, s + 2)) for s in range(12)]

@@ -1,4 +1,4 @@
-"""Prompt builders against the official UniversalPrompting outputs (spec §3, §4)."""
+"""Prompt builders against the official UniversalPrompting outputs (`training/prompting_utils.py`)."""
 
 from __future__ import annotations
 

@@ -98,7 +98,7 @@ def test_condition_dropout_is_the_empty_prompt(tiny):
     np.testing.assert_array_equal(dropped.ids[0, 126:129], [sp.t2i, sp.bos, sp.eos])
 
 
-# -- masking (spec §8.2) ---------------------------------------------------------------------------
+# -- masking (`training/utils.py`, mask_or_random_replace_tokens) ----------------------------------
 def _masking_by_hand(ids, mask_id, seed):
     """Independent re-statement of the reference: t, then noise; argsort(noise) < k."""
     g = np.random.default_rng(seed)
@@ -173,7 +173,7 @@ def test_weight_decay_groups_mirror_the_reference():
     assert float(new["ln"]["bias"][0]) == 1.0
 
 
-# -- LLaVA conversations (spec §8.5) -------------------------------------------------------------
+# -- LLaVA conversations (`llava/llava_data_vq_unified.py`) -----------------------------------------
 def test_llava_conversation_rendering_and_targets(tiny):
     from showo_mlx.train.conversation import conversation_tokens, render
 

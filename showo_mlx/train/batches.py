@@ -1,4 +1,5 @@
-"""One mixed training batch ``[t2i rows | lm rows | mmu rows]`` (spec §8.1).
+"""One mixed training batch ``[t2i rows | lm rows | mmu rows]``, as the official
+`training/train.py` concatenates them.
 
 All rows share the t2i length ``L = (max_seq_length + 1) + 1 + N + 1`` so that one forward with one
 concatenated mask serves the three tasks.
@@ -30,7 +31,8 @@ from .masking import mask_image_tokens
 TASK_IDS = {"t2i": 0, "lm": 1, "mmu": 2}
 # Purposes of the per-row generators.
 _MASK, _DROP, _QUESTION, _WINDOW = 0, 1, 2, 3
-# The pre-training captioning layout (spec §4.3): "USER: \n" + question + " ASSISTANT:" + " " + caption.
+# The pre-training captioning layout (official `training/data.py`, fed to
+# `UniversalPrompting.mmu_prompt`): "USER: \n" + question + " ASSISTANT:" + " " + caption.
 CAPTION_TEMPLATE = "USER: \n{question} ASSISTANT: {caption}"
 # The CLIP path's pre-training rows use LLaVA's `plain` template: caption + "\n", then eos
 # (llava/llava_pretrain_data.py, preprocess_plain); nothing is masked out of the labels.
@@ -122,7 +124,7 @@ class BatchBuilder:
             inputs.append(x[0])
             labels.append(y[0])
             caption = data.meta(int(i)).get("caption", "")
-            # Condition dropout → the empty prompt, i.e. [t2i, bos, eos] left-padded (spec §4.2).
+            # Condition dropout → the empty prompt, i.e. [t2i, bos, eos] left-padded (`UniversalPrompting.t2i_prompt`).
             if self.cond_dropout_prob > 0 and self._rng("t2i", pos, _DROP).random() < self.cond_dropout_prob:
                 caption = ""
             captions.append(caption)
@@ -160,7 +162,8 @@ class BatchBuilder:
         return prompt.ids, prompt.labels, prompt.layouts
 
     def _mmu_conversations(self, image_ids: np.ndarray, conversations: list[list[dict]]):
-        """LLaVA rows (spec §8.5): [mmu, soi] image [eoi] conversation(max_seq_length)."""
+        """LLaVA rows (`llava/llava_data_vq_unified.py` as `training/train.py` uses them): [mmu, soi]
+        image [eoi] conversation(max_seq_length)."""
         n_text = self.p.max_text_len - 1
         ids_, labels_ = [], []
         b, n = image_ids.shape

@@ -50,7 +50,7 @@ class TrainConfig:
     batch_lm: int = 1
     batch_mmu: int = 2
     grad_accum: int = 1
-    # -- objective (spec §8.1, §8.2)
+    # -- objective (official `training/train.py`; `training/utils.py`, `mask_or_random_replace_tokens`)
     t2i_coeff: float = 1.0
     lm_coeff: float = 0.1
     mmu_coeff: float = 1.0

@@ -1,4 +1,5 @@
-"""LLaVA conversations as Show-o's MAGVIT-path mmu text (spec §8.5, `llava_data_vq_unified.py`).
+"""LLaVA conversations as Show-o's MAGVIT-path mmu text (official
+`llava/llava_data_vq_unified.py`, `preprocess_v0`).
 
 The phi1.5 template (system "", roles USER/ASSISTANT, sep " ", sep2 "<|endoftext|>") renders
 

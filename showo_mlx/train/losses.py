@@ -1,4 +1,4 @@
-"""The reference's training losses (spec §8.1, `modeling_showo.py:80-100`).
+"""The reference's training losses (official `models/modeling_showo.py`, `Showo.forward`).
 
 One forward runs over the rows ``[t2i | lm | mmu]``; each task has its own cross-entropy over the
 **full** vocabulary with ignore index -100, averaged over the non-ignored positions:
@@ -59,7 +59,7 @@ def reference_losses(logits: mx.array, labels, rows: TaskRows, max_seq_length: i
     """The three reference losses from full logits (B, L, V) and labels (B, L).
 
     A task with zero rows is left out. (The reference slices ``[-B_mmu:]``, which would take the
-    whole batch for B_mmu = 0 — spec trap 17 — so that case is simply not computed here.)"""
+    whole batch for B_mmu = 0 — so that case is simply not computed here.)"""
     labels = mx.array(labels)
     out: dict[str, mx.array] = {}
     s = rows.slices()

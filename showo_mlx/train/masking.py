@@ -1,4 +1,5 @@
-"""Image-token masking for the t2i rows (spec §8.2, `training/utils.py:77-154`).
+"""Image-token masking for the t2i rows (official `training/utils.py`,
+`mask_or_random_replace_tokens`).
 
 Per image: ``t ~ U[0, 1)``, ``p = cos(t·π/2)`` clipped below by ``min_masking_rate``,
 ``k = max(1, round(N·p))`` positions are masked. The positions come from uniform noise exactly as

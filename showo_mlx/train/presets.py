@@ -1,4 +1,5 @@
-"""The reference's training stages (spec §8.3) as presets for `preset:` in a training YAML.
+"""The reference's training stages (the official `configs/showo_pretraining_stage*.yaml` and
+`configs/showo_instruction_tuning_*.yaml`) as presets for `preset:` in a training YAML.
 
 Numbers are the official configs' — learning rate, warm-up, steps, text length, and the **per-GPU**
 batch sizes t2i/lm/mmu — so one Mac (or each Mac of a data-parallel run) trains with one reference

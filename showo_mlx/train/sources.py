@@ -1,6 +1,7 @@
 """Raw training data, streamed one sample at a time (read by `showo prepare`).
 
-Supported layouts (spec §8.4, plus the simple ones a user has at hand):
+Supported layouts (those of the official `training/data.py`, `training/imagenet_dataset.py` and
+`llava/`, plus the simple ones a user has at hand):
 
 * ``pairs``   a folder of ``name.png|jpg|jpeg|webp`` + ``name.txt`` (caption), recursively;
 * ``jsonl``   a JSONL file of ``{"image": path, "caption": text}`` (paths relative to the file);

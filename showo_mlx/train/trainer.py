@@ -1,4 +1,4 @@
-"""The training loop (spec §8.1, with what one Mac or a few need on top).
+"""The training loop (the official `training/train.py`, with what one Mac or a few need on top).
 
 Per optimizer step:
   1. every micro-step of every rank builds its mixed batch ``[t2i | lm | mmu]`` (batches.py);
@@ -24,7 +24,7 @@ update, the optimizer state untouched, its batch consumed — and counted; `max_
 row stop the run with TrainingDivergedError (exit code 3). Checkpoints refuse non-finite weights, so
 the last good ones stay. The run folder (runfolder.py) records who owns it and how the run ended.
 
-AdamW mirrors the reference's parameter groups (`train.py:212`): its "no decay" name filter only
+AdamW mirrors the reference's parameter groups (`training/train.py`, `main`): its "no decay" name filter only
 matches biases in this model, so LayerNorm weights and embeddings ARE decayed; only names containing
 "bias" are not. torch's AdamW has bias correction, hence ``bias_correction=True``.
 """
