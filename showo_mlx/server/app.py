@@ -117,6 +117,22 @@ def create_app(work: WorkQueue, options: ServerOptions) -> FastAPI:
                 job.cancel()
                 raise ClientGone()
 
+    async def final_event(request: Request, job: Job, pending: dict, on_delta=None):
+        """A non-streamed request's result: the job's terminal payload (each "delta" on the way goes
+        to `on_delta`); None when the client left or the job was cancelled; a job's error is raised."""
+        try:
+            while True:
+                kind, payload = await next_event(request, job, pending)
+                if kind == "delta" and on_delta is not None:
+                    on_delta(payload)
+                elif kind in TERMINAL:
+                    break
+        except ClientGone:
+            return None
+        if kind == "error":
+            raise payload
+        return None if kind == "cancelled" else payload
+
     async def first_event(request: Request, job: Job) -> tuple[str, Any, dict]:
         """Wait for the job to start producing; errors before that become plain 4xx responses."""
         pending: dict = {}
@@ -208,19 +224,9 @@ def create_app(work: WorkQueue, options: ServerOptions) -> FastAPI:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return stream(chat_chunks(request, job, pending, head, warnings, include_usage), job)
-        text = []
-        try:
-            while True:
-                kind, payload = await next_event(request, job, pending)
-                if kind == "delta":
-                    text.append(payload)
-                elif kind in TERMINAL:
-                    break
-        except ClientGone:
-            return Response(status_code=CLIENT_GONE)
-        if kind == "error":
-            raise payload
-        if kind == "cancelled":
+        text: list[str] = []
+        payload = await final_event(request, job, pending, on_delta=text.append)
+        if payload is None:
             return Response(status_code=CLIENT_GONE)
         stats = payload["stats"]
         out = {
@@ -323,17 +329,8 @@ def create_app(work: WorkQueue, options: ServerOptions) -> FastAPI:
             except ClientGone:
                 return Response(status_code=CLIENT_GONE)
             return stream(image_events(request, job, pending, (kind, payload), item, prefix), job)
-        pending: dict = {}
-        try:
-            while True:
-                kind, payload = await next_event(request, job, pending)
-                if kind in TERMINAL:
-                    break
-        except ClientGone:
-            return Response(status_code=CLIENT_GONE)
-        if kind == "error":
-            raise payload
-        if kind == "cancelled":
+        payload = await final_event(request, job, {})
+        if payload is None:
             return Response(status_code=CLIENT_GONE)
         out = {"created": int(time.time()), "data": [item(i) for i in payload["images"]], "output_format": "png",
                "size": payload["images"][0]["size"], "usage": image_usage(payload["usage"])}
