@@ -4,7 +4,6 @@ huggingface_hub cache (offline), recorded in converted folders, and the errors a
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from showo_mlx.errors import ShowoConfigError
 from showo_mlx.family import FAMILIES, family_for_hub_id, family_named, family_of, infer_family, resolve_family
 
 CLIP_REF = TESTS / "fixtures" / "reference-clip"
-REVISION = "0123456789abcdef0123456789abcdef01234567"
+from hub_layout import REVISION, hub_snapshot
 
 EXPECTED = {  # Hub id → (family, generate (steps, guidance, top-k), inpaint (steps, guidance, top-k), understanding)
     "showlab/show-o": ("show-o", (18, 1.75, None), (16, 1.75, None), "magvit"),
@@ -26,14 +25,6 @@ EXPECTED = {  # Hub id → (family, generate (steps, guidance, top-k), inpaint (
 }
 
 
-def fake_hub_repo(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
-    root = cache / ("models--" + repo_id.replace("/", "--"))
-    snap = root / "snapshots" / REVISION
-    snap.mkdir(parents=True)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(REVISION)
-    for name, src in files.items():
-        shutil.copy(src, snap / name)
 
 
 def test_table_lookups_and_turbo_top_k_by_steps():
@@ -79,9 +70,9 @@ def test_every_family_by_hub_id_offline(offline_hub):
     clip_showo = {n: CLIP_REF / "showo" / n for n in ("config.json", "pytorch_model.safetensors")}
     clip_showo.update({q.name: q for q in (CLIP_REF / "tokenizer").iterdir()})  # the repo carries its tokenizer
     for repo, (name, *_rest) in EXPECTED.items():
-        fake_hub_repo(hub, repo, clip_showo if "clip" in name else showo)
-    fake_hub_repo(hub, "showlab/magvitv2", {n: REF / "magvitv2" / n for n in ("config.json", "pytorch_model.safetensors")})
-    fake_hub_repo(hub, "microsoft/phi-1_5", {q.name: q for q in (REF / "tokenizer").iterdir()})
+        hub_snapshot(hub, repo, clip_showo if "clip" in name else showo)
+    hub_snapshot(hub, "showlab/magvitv2", {n: REF / "magvitv2" / n for n in ("config.json", "pytorch_model.safetensors")})
+    hub_snapshot(hub, "microsoft/phi-1_5", {q.name: q for q in (REF / "tokenizer").iterdir()})
     run0 = json.loads((CLIP_REF / "cases.json").read_text())["mmu_generate"][0]
 
     # A CLIP checkpoint whose tower is not available: one line that names the fix.
@@ -89,7 +80,7 @@ def test_every_family_by_hub_id_offline(offline_hub):
         p.load("showlab/show-o-w-clip-vit", log=lambda m: None)
     missing = str(info.value)
     assert "\n" not in missing and "openai/clip-vit-large-patch14-336" in missing and "--vision-tower PATH" in missing
-    fake_hub_repo(hub, "openai/clip-vit-large-patch14-336",
+    hub_snapshot(hub, "openai/clip-vit-large-patch14-336",
                   {n: CLIP_REF / "clip" / n for n in ("config.json", "model.safetensors", "preprocessor_config.json")})
 
     for repo, (name, gen, inp, understanding) in EXPECTED.items():

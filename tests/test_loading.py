@@ -16,26 +16,17 @@ from conftest import REF
 from showo_mlx.errors import ShowoConfigError, ShowoError
 from showo_mlx.loading import read_model_config, resolve_model
 
-REVISION = "0123456789abcdef0123456789abcdef01234567"
+from hub_layout import REVISION, hub_snapshot
 
 
-def fake_hub_repo(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
-    """Lay files out the way huggingface_hub stores a downloaded snapshot."""
-    root = cache / ("models--" + repo_id.replace("/", "--"))
-    snap = root / "snapshots" / REVISION
-    snap.mkdir(parents=True)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(REVISION)
-    for name, src in files.items():
-        shutil.copy(src, snap / name)
 
 
 @pytest.fixture()
 def offline_hub(tmp_path):
     hub = tmp_path / "hf"
-    fake_hub_repo(hub, "showlab/show-o", {n: REF / "showo" / n for n in ("config.json", "pytorch_model.safetensors")})
-    fake_hub_repo(hub, "showlab/magvitv2", {n: REF / "magvitv2" / n for n in ("config.json", "pytorch_model.safetensors")})
-    fake_hub_repo(hub, "microsoft/phi-1_5", {p.name: p for p in (REF / "tokenizer").iterdir()})
+    hub_snapshot(hub, "showlab/show-o", {n: REF / "showo" / n for n in ("config.json", "pytorch_model.safetensors")})
+    hub_snapshot(hub, "showlab/magvitv2", {n: REF / "magvitv2" / n for n in ("config.json", "pytorch_model.safetensors")})
+    hub_snapshot(hub, "microsoft/phi-1_5", {p.name: p for p in (REF / "tokenizer").iterdir()})
     env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", SHOWO_MLX_CACHE=str(tmp_path / "showo"))
     return env, tmp_path
 

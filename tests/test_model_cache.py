@@ -14,6 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from hub_layout import hub_snapshot
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
@@ -103,16 +104,6 @@ def test_changed_weights_are_converted_again_and_stale_conversions_are_removed(t
 
 
 # -- the Hub, offline (huggingface_hub's cache layout built here) ----------------------------------
-def hub_snapshot(hub: Path, repo_id: str, commit: str, files: dict[str, Path], main: bool = True) -> Path:
-    root = hub / ("models--" + repo_id.replace("/", "--"))
-    snap = root / "snapshots" / commit
-    snap.mkdir(parents=True)
-    (root / "refs").mkdir(exist_ok=True)
-    if main:
-        (root / "refs" / "main").write_text(commit)
-    for name, src in files.items():
-        shutil.copy(src, snap / name)
-    return snap
 
 
 @pytest.fixture
@@ -131,11 +122,11 @@ def test_hub_repo_with_a_new_commit_is_converted_again(tmp_path, offline_hub, ca
     a = official(tmp_path / "a")
     b = official(tmp_path / "b", scale=2.0)
     files = lambda d: {n: d / n for n in ("config.json", "pytorch_model.safetensors", "tokenizer.json", "tokenizer_config.json")}
-    hub_snapshot(offline_hub, "lab/tiny", COMMIT_A, files(a))
+    hub_snapshot(offline_hub, "lab/tiny", commit=COMMIT_A, files=files(a))
     first = resolve_model("lab/tiny", log=lambda m: None)
     assert read_model_config(first)["source"]["cache_key"]["model"] == {"repo": "lab/tiny", "commit": COMMIT_A}
     la = logits(first)
-    hub_snapshot(offline_hub, "lab/tiny", COMMIT_B, files(b))  # refs/main moves to the new commit
+    hub_snapshot(offline_hub, "lab/tiny", commit=COMMIT_B, files=files(b))  # refs/main moves to the new commit
     logs: list[str] = []
     second = resolve_model("lab/tiny", log=logs.append)
     assert second == first and any("inputs changed" in m for m in logs)
@@ -151,7 +142,7 @@ def test_preconverted_hub_repo_loads_in_place_offline(tmp_path, converted, pipe)
     """The acceptance test: a converted folder laid out as a Hub snapshot loads by repo id with
     HF_HUB_OFFLINE=1 and HF_HUB_CACHE pointing here, straight from the Hub cache."""
     hub = tmp_path / "hf"
-    snap = hub_snapshot(hub, "someone/showo-tiny-mlx", COMMIT_A, {p.name: p for p in converted.iterdir()})
+    snap = hub_snapshot(hub, "someone/showo-tiny-mlx", commit=COMMIT_A, files={p.name: p for p in converted.iterdir()})
     env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", SHOWO_MLX_CACHE=str(tmp_path / "showo"),
                SHOWO_OPENBLAS="0")
     code = ("import showo_mlx; p = showo_mlx.load('someone/showo-tiny-mlx'); print(p.folder); "
