@@ -201,16 +201,8 @@ def test_throttled_evaluation_gives_identical_outputs_and_restores_the_limit(res
 
 
 # -- the OpenBLAS launcher ----------------------------------------------------------------------------
-class Exec(Exception):
-    pass
-
-
-def fake_execve(calls):
-    def execve(path, argv, env):
-        calls.append((path, argv, env))
-        raise Exec
-
-    return execve
+from test_launcher import Exec  # noqa: E402 - the launcher tests' execve recorder
+from test_launcher import recorder as fake_execve  # noqa: E402
 
 
 @pytest.fixture
